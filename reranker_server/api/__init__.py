@@ -1,0 +1,1 @@
+"""HTTP layer: one module per dialect, the schemas, the error table and health."""

@@ -1,0 +1,94 @@
+"""The one error table: exception -> HTTP status, and the JSON error body.
+
+Body: `{"error": message, "error_type": stable kind, "field": name or null}` (TEI's shape, plus the
+field). Unknown exceptions answer a generic 500; the traceback goes to the log, never the client.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import (
+    InferenceError,
+    InvalidRequestError,
+    ModelLoadError,
+    NotReadyError,
+    OverloadedError,
+    RequestTimeoutError,
+    RerankerError,
+)
+
+logger = logging.getLogger(__name__)
+
+STATUS_BY_ERROR: dict[type[RerankerError], int] = {
+    InvalidRequestError: 422,
+    OverloadedError: 429,
+    RequestTimeoutError: 503,
+    NotReadyError: 503,
+    ModelLoadError: 503,
+    InferenceError: 500,
+}
+
+
+def error_response(
+    status: int,
+    message: str,
+    error_type: str,
+    field: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {"error": message, "error_type": error_type, "field": field}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    parts = [p for p in loc if p != "body"]
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "body"
+
+
+async def _on_reranker_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RerankerError)
+    status = next((s for t, s in STATUS_BY_ERROR.items() if isinstance(exc, t)), 500)
+    headers = None
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:
+        headers = {"Retry-After": str(retry_after)}
+    if status >= 500:
+        logger.error("%s: %s", exc.error_type, exc, exc_info=exc.__cause__ is not None)
+    return error_response(status, str(exc), exc.error_type, getattr(exc, "field", None), headers)
+
+
+async def _on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return error_response(400, "request body is not valid JSON", "invalid_json")
+    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+    field = _location(tuple(first.get("loc", ("body",))))
+    message = "; ".join(f"{_location(tuple(e['loc']))}: {e['msg']}" for e in errors[:5])
+    return error_response(422, message, "invalid_request", field)
+
+
+async def _on_http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return error_response(exc.status_code, str(exc.detail), "http_error", headers=exc.headers)
+
+
+async def _on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    logger.error("unhandled error", exc_info=exc)
+    return error_response(500, "internal server error", "internal_error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RerankerError, _on_reranker_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected)

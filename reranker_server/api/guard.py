@@ -1,0 +1,77 @@
+"""ASGI middleware that checks a request before anything parses it.
+
+- A body over `max_body_bytes` gets 413 (from Content-Length at once, else while reading).
+- A POST whose Content-Type is not JSON gets 415 (a missing Content-Type is read as JSON).
+"""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import error_response
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and
+                                           media.endswith("+json"))
+
+
+class RequestGuard:
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        content_type = headers.get("content-type")
+        if content_type is not None and not _is_json(content_type):
+            await _reply(send, 415, f"Content-Type must be application/json, got {content_type!r}",
+                         "unsupported_media_type", "content-type")
+            return
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            await _reply(send, 413, self._too_large(), "payload_too_large", "body")
+            return
+
+        # Read the body here (bounded), then replay it to the app.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                await _reply(send, 413, self._too_large(), "payload_too_large", "body")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self) -> str:
+        return f"request body exceeds the limit of {self.max_body_bytes} bytes (max_body_bytes)"
+
+
+async def _reply(send: Send, status: int, message: str, error_type: str, field: str) -> None:
+    response = error_response(status, message, error_type, field)
+    await response({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}

@@ -1,0 +1,96 @@
+"""`create_app(settings)`: the FastAPI application, with models loaded in its lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+from collections.abc import Callable
+
+from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
+
+from . import __version__
+from .api import health, native
+from .api.errors import install_error_handlers
+from .api.guard import RequestGuard
+from .devices import cuda_runtime_available
+from .engine.cascade import Engine
+from .engine.pool import InferencePool
+from .errors import ModelLoadError
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+EngineFactory = Callable[[Settings], Engine]
+
+
+class RerankerApp(FastAPI):
+    """FastAPI with a lifespan that loads the engine before the server listens.
+
+    The lifespan protocol is answered here rather than by Starlette so that a model that can't be
+    loaded stops startup with its one-line message instead of a traceback.
+    """
+
+    def __init__(self, settings: Settings, engine_factory: EngineFactory) -> None:
+        super().__init__(
+            title="reranker-server",
+            version=__version__,
+            description="Two-stage reranking: FlashRank on the CPU, then a cross-encoder on the GPU.",
+        )
+        self.settings = settings
+        self._engine_factory = engine_factory
+        self.state.settings = settings
+        self.state.engine = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        await receive()  # lifespan.startup
+        try:
+            await self.startup()
+        except ModelLoadError as exc:
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            return
+        except Exception:
+            await send({"type": "lifespan.startup.failed", "message": traceback.format_exc()})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        await self.shutdown()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def startup(self) -> None:
+        """Load and warm up the models; the server listens only after this returns."""
+        self.state.cuda_available = await asyncio.to_thread(cuda_runtime_available)
+        self.state.pool = InferencePool(
+            self.settings.workers, self.settings.max_queue, self.settings.request_timeout_s
+        )
+        self.state.engine = await asyncio.to_thread(self._engine_factory, self.settings)
+
+    async def shutdown(self) -> None:
+        """Let running inference finish, then release the models."""
+        pool: InferencePool | None = getattr(self.state, "pool", None)
+        if pool is not None:
+            await asyncio.to_thread(pool.shutdown)
+        self.state.engine = None
+
+
+def create_app(settings: Settings | None = None, engine_factory: EngineFactory | None = None
+               ) -> RerankerApp:
+    """Build the app. `engine_factory` defaults to loading the models the settings name."""
+    if engine_factory is None:
+        from .engine.loader import load_engine
+
+        engine_factory = load_engine
+    settings = settings or Settings()
+    app = RerankerApp(settings, engine_factory)
+    install_error_handlers(app)
+    app.include_router(native.router)
+    app.include_router(health.router)
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,127 @@
+"""Command line: `reranker-server serve | download | make-test-models`.
+
+Every setting is also a flag of the same name (`RERANKER_STAGE1_MODEL` = `--stage1-model`); flags
+win over the environment. Logging is configured here, at the entry point, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from .errors import ModelLoadError
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def configure_logging(level: str) -> None:
+    """Plain log lines on stderr, unless the host program already configured logging."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("reranker_server").setLevel(level.upper())
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description or ''} [env RERANKER_{name.upper()}]"
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(),
+                                help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, overridden by the flags that were given."""
+    overrides: dict[str, Any] = {
+        name: getattr(args, name)
+        for name in Settings.model_fields
+        if getattr(args, name, None) is not None
+    }
+    return Settings(**overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reranker-server", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="start the HTTP server")
+    _add_setting_flags(serve)
+
+    download = commands.add_parser("download", help="fetch both models into the cache")
+    _add_setting_flags(download)
+
+    make = commands.add_parser("make-test-models",
+                               help="write tiny random models for offline tests")
+    make.add_argument("directory", type=Path)
+    make.add_argument("--full-size", action="store_true",
+                      help="real layer counts and widths (for benchmarks), random weights")
+    make.add_argument("--tokenizer", type=Path, default=None,
+                      help="directory with a BERT tokenizer.json/vocab.txt to use instead of the "
+                      "generated small vocabulary")
+    make.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "make-test-models":
+        configure_logging("info")
+        return _make_test_models(args)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"])
+            print(f"reranker-server: invalid setting {where}: {error['msg']}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    if args.command == "download":
+        return _download(settings)
+    return _serve(settings)
+
+
+def _serve(settings: Settings) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level, timeout_graceful_shutdown=30)
+    return 0
+
+
+def _download(settings: Settings) -> int:
+    from .model_store import resolve_stage1, resolve_stage2
+
+    try:
+        files = resolve_stage1(settings.stage1_model, settings.model_cache_dir,
+                               offline=settings.offline, timeout_s=settings.download_timeout_s)
+        print(f"stage 1: {settings.stage1_model} -> {files.directory}")
+        path = resolve_stage2(settings.stage2_model, settings.model_cache_dir,
+                              offline=settings.offline, timeout_s=settings.download_timeout_s)
+        print(f"stage 2: {settings.stage2_model} -> {path}")
+    except ModelLoadError as exc:
+        print(f"reranker-server: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _make_test_models(args: argparse.Namespace) -> int:
+    from .model_factory import write_test_models
+
+    paths = write_test_models(args.directory, full_size=args.full_size,
+                              tokenizer_dir=args.tokenizer, seed=args.seed)
+    print(f"wrote test models under {args.directory}; point the server at them with:")
+    print(f"  export RERANKER_STAGE1_MODEL={paths.stage1}")
+    print(f"  export RERANKER_STAGE2_MODEL={paths.stage2}")
+    return 0

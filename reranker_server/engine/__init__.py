@@ -1,0 +1,1 @@
+"""The engine: cascade, worker pool and loading. Works without HTTP."""

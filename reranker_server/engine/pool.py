@@ -1,0 +1,68 @@
+"""Runs blocking inference off the event loop, with a bounded queue and a timeout.
+
+`workers` runs happen at once (each with cores / workers threads, see Settings); at most `max_queue`
+more wait. Past that a request is refused at once with `OverloadedError` (HTTP 429 + Retry-After)
+instead of piling up memory; a request that waits plus runs longer than `timeout_s` gets
+`RequestTimeoutError` (HTTP 503 + Retry-After).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from ..errors import OverloadedError, RequestTimeoutError
+
+T = TypeVar("T")
+
+
+class InferencePool:
+    """A fixed set of inference threads behind an admission counter."""
+
+    def __init__(self, workers: int, max_queue: int, timeout_s: float) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inference")
+        self._capacity = workers + max_queue
+        self._timeout_s = timeout_s
+        self._workers = workers
+        self._lock = threading.Lock()
+        self._pending = 0
+
+    @property
+    def pending(self) -> int:
+        """Requests admitted and not finished (running + queued)."""
+        return self._pending
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Run `fn` in a worker thread; refuse when full, give up after the timeout."""
+        with self._lock:
+            if self._pending >= self._capacity:
+                raise OverloadedError(
+                    f"server busy: {self._pending} requests in progress or queued "
+                    f"(limit {self._capacity}); retry later",
+                    retry_after_s=self._retry_after(),
+                )
+            self._pending += 1
+        future = self._executor.submit(fn)
+        future.add_done_callback(self._release)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self._timeout_s)
+        except asyncio.TimeoutError as exc:
+            future.cancel()  # drops it if it has not started; a running one finishes alone
+            raise RequestTimeoutError(
+                f"request did not finish within {self._timeout_s:g} s; retry later",
+                retry_after_s=self._retry_after(),
+            ) from exc
+
+    def _release(self, _future: object) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    def _retry_after(self) -> int:
+        return max(1, self._pending // max(1, self._workers))
+
+    def shutdown(self) -> None:
+        """Finish running work, then stop the threads."""
+        self._executor.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,1 @@
+"""Runners: one model each, behind one tiny contract (see base.py)."""

@@ -1,0 +1,117 @@
+"""Stage 1: a FlashRank model (ONNX, CPU) scored in bounded, length-sorted batches.
+
+The model files are FlashRank's own (`flashrank.Ranker` loads the same directory); tokenization
+follows `flashrank.Ranker._get_tokenizer` exactly, so that scores equal FlashRank's when the same
+group of passages forms one batch. Unlike FlashRank, passages are not run as one batch of
+documents x longest-length: batches hold at most `batch_tokens` padded tokens, so memory stays
+bounded for 1,000 long passages.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import AddedToken, Encoding, Tokenizer
+
+
+def load_flashrank_tokenizer(directory: Path, max_length: int) -> tuple[Tokenizer, int]:
+    """The tokenizer as FlashRank configures it (truncation, special tokens); returns pad id too."""
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    tokens_map = json.loads((directory / "special_tokens_map.json").read_text(encoding="utf-8"))
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tokenizer.enable_truncation(max_length=min(int(tokenizer_config["model_max_length"]), max_length))
+    tokenizer.no_padding()  # padding is done per batch, below
+    for token in tokens_map.values():
+        if isinstance(token, str):
+            tokenizer.add_special_tokens([token])
+        elif isinstance(token, dict):
+            tokenizer.add_special_tokens([AddedToken(**token)])
+    return tokenizer, int(config["pad_token_id"])
+
+
+def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Group positions into batches, longest first, each at most `batch_tokens` padded tokens.
+
+    Sorting by length keeps padding small; every batch holds at least one item.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for position in order:
+        length = lengths[position]
+        width = max(longest, length)
+        if current and width * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current, width = [], length
+        current.append(position)
+        longest = width
+    if current:
+        batches.append(current)
+    return batches
+
+
+class FlashRankRunner:
+    """Scores pairs with a FlashRank ONNX cross-encoder on the CPU."""
+
+    device = "cpu"
+
+    def __init__(
+        self,
+        directory: Path,
+        onnx_file: Path,
+        *,
+        max_length: int = 512,
+        batch_tokens: int = 8192,
+        threads: int = 1,
+    ) -> None:
+        self.name = directory.name
+        self._batch_tokens = batch_tokens
+        self._tokenizer, self._pad_id = load_flashrank_tokenizer(directory, max_length)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self._session = ort.InferenceSession(
+            str(onnx_file), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        self._input_names = {i.name for i in self._session.get_inputs()}
+
+    def tokenize(self, query: str, documents: Sequence[str]) -> list[Encoding]:
+        """Encode (query, document) pairs, truncated, unpadded."""
+        return list(self._tokenizer.encode_batch([(query, doc) for doc in documents]))
+
+    def score(self, query: str, documents: Sequence[str]) -> list[float]:
+        if not documents:
+            return []
+        encodings = self.tokenize(query, documents)
+        scores = np.empty(len(encodings), dtype=np.float32)
+        for batch in plan_batches([len(e.ids) for e in encodings], self._batch_tokens):
+            scores[batch] = self._forward([encodings[i] for i in batch])
+        return [float(s) for s in scores]
+
+    def _forward(self, encodings: Sequence[Encoding]) -> np.ndarray:
+        width = max(len(e.ids) for e in encodings)
+        shape = (len(encodings), width)
+        input_ids = np.full(shape, self._pad_id, dtype=np.int64)
+        type_ids = np.zeros(shape, dtype=np.int64)
+        mask = np.zeros(shape, dtype=np.int64)
+        for row, encoding in enumerate(encodings):
+            n = len(encoding.ids)
+            input_ids[row, :n] = encoding.ids
+            type_ids[row, :n] = encoding.type_ids
+            mask[row, :n] = 1
+        feed = {"input_ids": input_ids, "attention_mask": mask}
+        if "token_type_ids" in self._input_names:
+            feed["token_type_ids"] = type_ids
+        logits = self._session.run(None, feed)[0]
+        # The same arithmetic as flashrank.Ranker.rerank, in float32.
+        if logits.shape[1] == 1:
+            return np.asarray(1 / (1 + np.exp(-logits.flatten())), dtype=np.float32)
+        exp_logits = np.exp(logits)
+        return np.asarray(exp_logits[:, 1] / np.sum(exp_logits, axis=1), dtype=np.float32)

@@ -1,0 +1,117 @@
+"""The one settings object. Built at the edge (environment `RERANKER_*`, CLI flags), passed down."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_STAGE1_MODEL = "ms-marco-MiniLM-L-12-v2"
+DEFAULT_STAGE2_MODEL = "cross-encoder/ms-marco-MiniLM-L-6-v2"
+
+
+class Settings(BaseSettings):
+    """Every knob of the server. Environment variables are `RERANKER_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="RERANKER_", extra="ignore")
+
+    # --- network
+    host: str = Field("0.0.0.0", description="Interface to listen on.")
+    port: int = Field(5200, ge=1, le=65535, description="TCP port.")
+
+    # --- models
+    stage1_model: str = Field(
+        DEFAULT_STAGE1_MODEL,
+        description="FlashRank model name (downloaded into the cache) or a local directory in "
+        "FlashRank's layout.",
+    )
+    stage2_model: str = Field(
+        DEFAULT_STAGE2_MODEL,
+        description="sentence-transformers cross-encoder: hub id or local directory.",
+    )
+    model_cache_dir: Path = Field(
+        Path("./hf_cache"), description="Where downloaded models are kept (Docker: /app/hf_cache)."
+    )
+    offline: bool = Field(False, description="Never download; use the cache or local dirs only.")
+    trust_remote_code: bool = Field(
+        False, description="Allow model repositories to run their own Python code (off: safer)."
+    )
+    download_timeout_s: float = Field(60.0, gt=0, description="Per-request download timeout.")
+
+    # --- cascade
+    candidates: int = Field(
+        10, ge=1, description="Documents kept after stage 1 for stage 2 (at least top_k)."
+    )
+    device: str = Field(
+        "auto", description="Stage-2 device: auto, cpu, cuda or cuda:N (auto = CUDA if present)."
+    )
+    stage2_on_cpu: bool = Field(
+        False,
+        description="Run the cross-encoder on the CPU when no GPU is usable (off: answer from "
+        "stage 1, as the spec says).",
+    )
+    min_free_vram_mb: int = Field(
+        512, ge=0, description="Free VRAM needed at request time to use the GPU."
+    )
+    gpu_cooldown_s: float = Field(
+        30.0, ge=0, description="After a CUDA error, how long to answer from stage 1 only."
+    )
+    stage1_batch_tokens: int = Field(
+        8192, ge=512, description="Token budget of one stage-1 ONNX batch (bounds memory)."
+    )
+    stage2_batch_size: int = Field(32, ge=1, description="Pairs per cross-encoder forward pass.")
+    max_length: int = Field(512, ge=16, le=8192, description="Max tokens of query + document.")
+
+    # --- limits
+    max_documents: int = Field(1000, ge=1, description="Documents accepted per request.")
+    max_document_chars: int = Field(20_000, ge=1, description="Characters per document.")
+    max_query_chars: int = Field(2_000, ge=1, description="Characters of the query.")
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Largest request body accepted, in bytes."
+    )
+
+    # --- execution
+    workers: int = Field(
+        1, ge=1, description="Inference runs at a time (each gets cpu_threads / workers threads)."
+    )
+    cpu_threads: int = Field(
+        0, ge=0, description="Threads for ONNX Runtime and torch in total (0 = all cores)."
+    )
+    max_queue: int = Field(
+        64, ge=0, description="Requests waiting for a worker before new ones get 429."
+    )
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="Longest a request may wait plus run before a 503."
+    )
+    warmup: bool = Field(True, description="Run one pair through each model at startup.")
+
+    # --- logging
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        "info", description="debug, info, warning, error or critical."
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in ("auto", "cpu", "cuda"):
+            return value
+        if value.startswith("cuda:") and value[5:].isdigit():
+            return value
+        raise ValueError("device must be auto, cpu, cuda or cuda:N")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_log_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    def total_threads(self) -> int:
+        """Threads all inference may use together: the setting, or every core."""
+        return self.cpu_threads or (os.cpu_count() or 1)
+
+    def threads_per_worker(self) -> int:
+        """Threads one inference run may use, so that workers x threads <= total."""
+        return max(1, self.total_threads() // self.workers)

@@ -1,0 +1,38 @@
+"""Value types shared by the engine and the HTTP layer. Imports nothing from the package."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Backend = Literal["gpu", "cpu"]
+FallbackReason = Literal["no_gpu", "low_vram", "cooldown", "oom", "cuda_error"]
+
+
+@dataclass(frozen=True)
+class ScoredDocument:
+    """One document of the answer: its position in the request, its text and its score in [0, 1]."""
+
+    index: int
+    text: str
+    score: float
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """What one stage did for a request."""
+
+    name: str  # "flashrank" | "cross-encoder"
+    device: str  # "cpu" | "cuda:0" ...
+    documents: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RerankOutcome:
+    """The engine's answer: results best first, and how they were produced."""
+
+    results: list[ScoredDocument]
+    backend: Backend
+    stages: list[StageReport] = field(default_factory=list)
+    fallback: FallbackReason | None = None

@@ -1,0 +1,86 @@
+"""Shared fixtures: generated tiny models, settings that point at them, a live uvicorn server."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from reranker_server.model_factory import TestModelPaths, write_test_models
+from reranker_server.settings import Settings
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TestModelPaths:
+    """Tiny random BERT cross-encoders in FlashRank's and sentence-transformers' layouts."""
+    return write_test_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def make_settings(tiny_models: TestModelPaths, tmp_path: Path) -> Callable[..., Settings]:
+    def build(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "stage1_model": str(tiny_models.stage1),
+            "stage2_model": str(tiny_models.stage2),
+            "model_cache_dir": tmp_path / "cache",
+            "offline": True,
+            "device": "cpu",
+            "cpu_threads": 1,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return build
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def running(app: Any) -> Iterator[str]:
+    """Serve `app` with a real uvicorn on 127.0.0.1; yields the base URL."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                            lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("uvicorn exited during startup")
+        if time.monotonic() > deadline:
+            raise TimeoutError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
