@@ -15,8 +15,8 @@ __all__ = ["__version__", "app"]
 
 def __getattr__(name: str) -> Any:
     if name == "app":
-        from .cli import configure_logging
         from .app import create_app
+        from .cli import configure_logging
         from .settings import Settings
 
         settings = Settings()

@@ -36,7 +36,7 @@ class RerankerApp(FastAPI):
         super().__init__(
             title="reranker-server",
             version=__version__,
-            description="Two-stage reranking: FlashRank on the CPU, then a cross-encoder on the GPU.",
+            description="Two-stage reranking: FlashRank on the CPU, then a cross-encoder on GPU.",
         )
         self.settings = settings
         self._engine_factory = engine_factory
@@ -80,8 +80,9 @@ class RerankerApp(FastAPI):
         self.state.engine = None
 
 
-def create_app(settings: Settings | None = None, engine_factory: EngineFactory | None = None
-               ) -> RerankerApp:
+def create_app(
+    settings: Settings | None = None, engine_factory: EngineFactory | None = None
+) -> RerankerApp:
     """Build the app. `engine_factory` defaults to loading the models the settings name."""
     if engine_factory is None:
         from .engine.loader import load_engine

@@ -33,11 +33,11 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         help_text = f"{field.description or ''} [env RERANKER_{name.upper()}]"
         if field.annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
-                                default=None, help=help_text)
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         else:
-            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(),
-                                help=help_text)
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -60,14 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     download = commands.add_parser("download", help="fetch both models into the cache")
     _add_setting_flags(download)
 
-    make = commands.add_parser("make-test-models",
-                               help="write tiny random models for offline tests")
+    make = commands.add_parser(
+        "make-test-models", help="write tiny random models for offline tests"
+    )
     make.add_argument("directory", type=Path)
-    make.add_argument("--full-size", action="store_true",
-                      help="real layer counts and widths (for benchmarks), random weights")
-    make.add_argument("--tokenizer", type=Path, default=None,
-                      help="directory with a BERT tokenizer.json/vocab.txt to use instead of the "
-                      "generated small vocabulary")
+    make.add_argument(
+        "--full-size",
+        action="store_true",
+        help="real layer counts and widths (for benchmarks), random weights",
+    )
+    make.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="directory with a BERT tokenizer.json/vocab.txt to use instead of the "
+        "generated small vocabulary",
+    )
     make.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -95,20 +103,23 @@ def _serve(settings: Settings) -> int:
 
     from .app import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, timeout_graceful_shutdown=30)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+    )
     return 0
 
 
 def _download(settings: Settings) -> int:
-    from .model_store import resolve_stage1, resolve_stage2
+    from .model_store import stage1_files, stage2_path
 
     try:
-        files = resolve_stage1(settings.stage1_model, settings.model_cache_dir,
-                               offline=settings.offline, timeout_s=settings.download_timeout_s)
+        files = stage1_files(settings)
         print(f"stage 1: {settings.stage1_model} -> {files.directory}")
-        path = resolve_stage2(settings.stage2_model, settings.model_cache_dir,
-                              offline=settings.offline, timeout_s=settings.download_timeout_s)
+        path = stage2_path(settings)
         print(f"stage 2: {settings.stage2_model} -> {path}")
     except ModelLoadError as exc:
         print(f"reranker-server: {exc}", file=sys.stderr)
@@ -119,8 +130,9 @@ def _download(settings: Settings) -> int:
 def _make_test_models(args: argparse.Namespace) -> int:
     from .model_factory import write_test_models
 
-    paths = write_test_models(args.directory, full_size=args.full_size,
-                              tokenizer_dir=args.tokenizer, seed=args.seed)
+    paths = write_test_models(
+        args.directory, full_size=args.full_size, tokenizer_dir=args.tokenizer, seed=args.seed
+    )
     print(f"wrote test models under {args.directory}; point the server at them with:")
     print(f"  export RERANKER_STAGE1_MODEL={paths.stage1}")
     print(f"  export RERANKER_STAGE2_MODEL={paths.stage2}")

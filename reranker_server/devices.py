@@ -49,7 +49,7 @@ class Accelerator(Protocol):
         ...
 
     def classify_failure(self, exc: BaseException) -> FailureKind | None:
-        """"oom" or "cuda_error" if `exc` is a device fault, None if it is something else."""
+        """ "oom" or "cuda_error" if `exc` is a device fault, None if it is something else."""
         ...
 
 
@@ -128,7 +128,9 @@ def detect_accelerator(device: str) -> Accelerator | None:
         return None
     if not cuda_runtime_available():
         if device != "auto":
-            logger.warning("device=%s was asked for, but CUDA is not available: no GPU stage", device)
+            logger.warning(
+                "device=%s was asked for, but CUDA is not available: no GPU stage", device
+            )
         return None
     index = int(device.split(":", 1)[1]) if ":" in device else 0
     import torch

@@ -97,11 +97,21 @@ def _write_tokenizer(directory: Path, tokenizer_dir: Path | None) -> int:
         )
         tokenizer.decoder = decoders.WordPiece()
         tokenizer.save(str(directory / "tokenizer.json"))
-    specials = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
-                "cls_token": "[CLS]", "mask_token": "[MASK]"}
+    specials = {
+        "unk_token": "[UNK]",
+        "sep_token": "[SEP]",
+        "pad_token": "[PAD]",
+        "cls_token": "[CLS]",
+        "mask_token": "[MASK]",
+    }
     (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
-    tokenizer_config = {**specials, "model_max_length": 512, "do_lower_case": True,
-                        "tokenizer_class": "BertTokenizer", "clean_up_tokenization_spaces": True}
+    tokenizer_config = {
+        **specials,
+        "model_max_length": 512,
+        "do_lower_case": True,
+        "tokenizer_class": "BertTokenizer",
+        "clean_up_tokenization_spaces": True,
+    }
     (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     return len(vocab)
 
@@ -110,7 +120,7 @@ def _bert(shape: Shape, vocab_size: int, seed: int):  # type: ignore[no-untyped-
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(
+    config = BertConfig(  # type: ignore[call-arg]
         vocab_size=vocab_size,
         hidden_size=shape.hidden,
         num_hidden_layers=shape.layers,
@@ -140,8 +150,10 @@ def _export_int8(model, path: Path) -> None:  # type: ignore[no-untyped-def]
             str(fp32),
             input_names=names,
             output_names=["logits"],
-            dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names},
-                          "logits": {0: "batch"}},
+            dynamic_axes={
+                **{n: {0: "batch", 1: "sequence"} for n in names},
+                "logits": {0: "batch"},
+            },
             opset_version=14,
             dynamo=False,
         )
@@ -166,8 +178,12 @@ def write_test_models(
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp)
         _bert(STAGE2_FULL if full_size else TINY, vocab_size, seed + 1).save_pretrained(raw)
-        for name in ("tokenizer.json", "vocab.txt", "special_tokens_map.json",
-                     "tokenizer_config.json"):
+        for name in (
+            "tokenizer.json",
+            "vocab.txt",
+            "special_tokens_map.json",
+            "tokenizer_config.json",
+        ):
             shutil.copy(stage1 / name, raw / name)
         CrossEncoder(str(raw), device="cpu", local_files_only=True).save(str(stage2))
     logger.info("test models written to %s", directory)

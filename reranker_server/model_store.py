@@ -19,13 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelLoadError
+from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = ".complete"
-FLASHRANK_REQUIRED = ("config.json", "tokenizer.json", "tokenizer_config.json",
-                      "special_tokens_map.json")
-FLASHRANK_URL = "https://huggingface.co/prithivida/flashrank/resolve/main/{}.zip"
+FLASHRANK_REQUIRED = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.model"]
 HUB_IGNORE = ["onnx/*", "openvino/*", "*/onnx/*", "*/openvino/*"]
 
@@ -65,7 +69,9 @@ def _flashrank_files(directory: Path) -> FlashRankFiles:
     return FlashRankFiles(directory=directory, onnx_file=onnx_file)
 
 
-def resolve_stage1(name: str, cache_dir: Path, *, offline: bool, timeout_s: float) -> FlashRankFiles:
+def resolve_stage1(
+    name: str, cache_dir: Path, *, offline: bool, timeout_s: float, base_url: str = ""
+) -> FlashRankFiles:
     """A local FlashRank directory, or a FlashRank model name fetched into the cache."""
     local = Path(name).expanduser()
     if local.is_dir():
@@ -85,15 +91,14 @@ def resolve_stage1(name: str, cache_dir: Path, *, offline: bool, timeout_s: floa
             "run `reranker-server download` once with internet, or set RERANKER_STAGE1_MODEL to a "
             "local directory"
         )
-    _download_flashrank(name, target, timeout_s)
+    _download_flashrank(f"{base_url.rstrip('/')}/{name}.zip", name, target, timeout_s)
     return _flashrank_files(target)
 
 
-def _download_flashrank(name: str, target: Path, timeout_s: float) -> None:
+def _download_flashrank(url: str, name: str, target: Path, timeout_s: float) -> None:
     import requests
     from tqdm import tqdm
 
-    url = FLASHRANK_URL.format(name)
     target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("downloading stage-1 model %s into %s", name, target)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp:
@@ -102,9 +107,12 @@ def _download_flashrank(name: str, target: Path, timeout_s: float) -> None:
             with requests.get(url, stream=True, timeout=timeout_s) as response:
                 response.raise_for_status()
                 total = int(response.headers.get("content-length", 0))
-                with archive.open("wb") as out, tqdm(
-                    desc=name, total=total, unit="iB", unit_scale=True, unit_divisor=1024
-                ) as bar:
+                with (
+                    archive.open("wb") as out,
+                    tqdm(
+                        desc=name, total=total, unit="iB", unit_scale=True, unit_divisor=1024
+                    ) as bar,
+                ):
                     for chunk in response.iter_content(chunk_size=1 << 16):
                         bar.update(out.write(chunk))
             if total and archive.stat().st_size != total:
@@ -126,8 +134,10 @@ def _download_flashrank(name: str, target: Path, timeout_s: float) -> None:
         unpacked.rename(target)
 
 
-def resolve_stage2(name: str, cache_dir: Path, *, offline: bool, timeout_s: float) -> str:
-    """A local sentence-transformers / transformers directory, or a hub id fetched into the cache."""
+def resolve_stage2(
+    name: str, cache_dir: Path, *, offline: bool, timeout_s: float, endpoint: str | None = None
+) -> str:
+    """A local cross-encoder directory, or a hub id fetched into the cache."""
     local = Path(name).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
@@ -147,6 +157,7 @@ def resolve_stage2(name: str, cache_dir: Path, *, offline: bool, timeout_s: floa
             allow_patterns=HUB_PATTERNS,
             ignore_patterns=HUB_IGNORE,
             etag_timeout=timeout_s,
+            endpoint=endpoint,
         )
     except Exception as exc:  # the hub client raises many types; all mean "not available"
         how = "offline mode is on" if offline else f"download failed: {type(exc).__name__}"
@@ -156,3 +167,25 @@ def resolve_stage2(name: str, cache_dir: Path, *, offline: bool, timeout_s: floa
             "RERANKER_STAGE2_MODEL to a local directory"
         ) from exc
     return str(path)
+
+
+def stage1_files(settings: Settings) -> FlashRankFiles:
+    """The stage-1 model the settings name, fetched if needed."""
+    return resolve_stage1(
+        settings.stage1_model,
+        settings.model_cache_dir,
+        offline=settings.offline,
+        timeout_s=settings.download_timeout_s,
+        base_url=settings.flashrank_base_url,
+    )
+
+
+def stage2_path(settings: Settings) -> str:
+    """The stage-2 model directory the settings name, fetched if needed."""
+    return resolve_stage2(
+        settings.stage2_model,
+        settings.model_cache_dir,
+        offline=settings.offline,
+        timeout_s=settings.download_timeout_s,
+        endpoint=settings.hub_endpoint,
+    )

@@ -39,6 +39,14 @@ class Settings(BaseSettings):
     trust_remote_code: bool = Field(
         False, description="Allow model repositories to run their own Python code (off: safer)."
     )
+    flashrank_base_url: str = Field(
+        "https://huggingface.co/prithivida/flashrank/resolve/main",
+        description="Where FlashRank model archives (<name>.zip) are downloaded from (a mirror).",
+    )
+    hub_endpoint: str | None = Field(
+        None,
+        description="Hugging Face hub endpoint for stage-2 downloads (a mirror); None: default.",
+    )
     download_timeout_s: float = Field(60.0, gt=0, description="Per-request download timeout.")
 
     # --- cascade

@@ -19,8 +19,12 @@ class KeywordRunner:
     The right answer is known by construction, so ranking tests can assert order.
     """
 
-    def __init__(self, name: str = "keyword", device: str = "cpu",
-                 weight: Callable[[str], float] | None = None) -> None:
+    def __init__(
+        self,
+        name: str = "keyword",
+        device: str = "cpu",
+        weight: Callable[[str], float] | None = None,
+    ) -> None:
         self.name = name
         self.device = device
         self.calls: list[list[str]] = []

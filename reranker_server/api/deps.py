@@ -16,15 +16,15 @@ def _engine(request: Request) -> Engine:
     engine = getattr(request.app.state, "engine", None)
     if engine is None:
         raise NotReadyError("models are not loaded yet; retry shortly")
-    return engine  # type: ignore[no-any-return]
+    return engine
 
 
 def _pool(request: Request) -> InferencePool:
-    return request.app.state.pool  # type: ignore[no-any-return]
+    return request.app.state.pool
 
 
 def _settings(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
+    return request.app.state.settings
 
 
 EngineDep = Annotated[Engine, Depends(_engine)]

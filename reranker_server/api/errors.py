@@ -1,12 +1,14 @@
 """The one error table: exception -> HTTP status, and the JSON error body.
 
-Body: `{"error": message, "error_type": stable kind, "field": name or null}` (TEI's shape, plus the
-field). Unknown exceptions answer a generic 500; the traceback goes to the log, never the client.
+Body: `{"error": message, "error_type": kind, "field": name or null, "detail": message}` -- TEI's
+shape, plus the field, plus `detail`, which Jina-style clients read. Unknown exceptions answer a
+generic 500; the traceback goes to the log, never to the client.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -40,9 +42,9 @@ def error_response(
     message: str,
     error_type: str,
     field: str | None = None,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    body = {"error": message, "error_type": error_type, "field": field}
+    body = {"error": message, "error_type": error_type, "field": field, "detail": message}
     return JSONResponse(body, status_code=status, headers=headers)
 
 

@@ -13,8 +13,9 @@ from .errors import error_response
 
 def _is_json(content_type: str) -> bool:
     media = content_type.split(";", 1)[0].strip().lower()
-    return media == "application/json" or (media.startswith("application/") and
-                                           media.endswith("+json"))
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
 
 
 class RequestGuard:
@@ -29,8 +30,13 @@ class RequestGuard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         content_type = headers.get("content-type")
         if content_type is not None and not _is_json(content_type):
-            await _reply(send, 415, f"Content-Type must be application/json, got {content_type!r}",
-                         "unsupported_media_type", "content-type")
+            await _reply(
+                send,
+                415,
+                f"Content-Type must be application/json, got {content_type!r}",
+                "unsupported_media_type",
+                "content-type",
+            )
             return
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body_bytes:

@@ -31,6 +31,10 @@ def to_native(outcome: RerankOutcome) -> RerankResponse:
         results=[RerankResult(index=r.index, text=r.text, score=r.score) for r in outcome.results],
         backend=outcome.backend,
         fallback=outcome.fallback,
-        stages=[StageInfo(name=s.name, device=s.device, documents=s.documents,
-                          seconds=round(s.seconds, 6)) for s in outcome.stages],
+        stages=[
+            StageInfo(
+                name=s.name, device=s.device, documents=s.documents, seconds=round(s.seconds, 6)
+            )
+            for s in outcome.stages
+        ],
     )

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-SPEC_EXAMPLE = {
+SPEC_EXAMPLE: dict[str, Any] = {
     "query": "What is the capital of France?",
     "documents": [
         "Paris is the capital and most populous city of France.",
@@ -66,3 +66,4 @@ class ErrorResponse(BaseModel):
     error: str = Field(..., description="What went wrong, naming the field and the limit.")
     error_type: str = Field(..., description="Stable machine-readable kind.")
     field: str | None = None
+    detail: str = Field(..., description="The same message (Jina-style clients read `detail`).")

@@ -61,7 +61,7 @@ class Engine:
         if scores is None:  # stage 1's order is the answer
             order, by_index = keep, {i: first[i] for i in keep}
         else:
-            order, by_index = [keep[j] for j in _rank(scores)], dict(zip(keep, scores))
+            order, by_index = [keep[j] for j in _rank(scores)], dict(zip(keep, scores, strict=True))
 
         results = [ScoredDocument(i, documents[i], by_index[i]) for i in order[:top_k]]
         backend: Backend = "gpu" if scores is not None and fallback is None else "cpu"

@@ -7,7 +7,7 @@ import time
 
 from ..devices import Accelerator, GpuGate, detect_accelerator
 from ..errors import ModelLoadError
-from ..model_store import resolve_stage1, resolve_stage2
+from ..model_store import stage1_files, stage2_path
 from ..runners.base import Runner
 from ..settings import Settings
 from .cascade import Engine
@@ -24,12 +24,7 @@ def load_engine(settings: Settings) -> Engine:
 
     started = time.perf_counter()
     threads = settings.threads_per_worker()
-    files = resolve_stage1(
-        settings.stage1_model,
-        settings.model_cache_dir,
-        offline=settings.offline,
-        timeout_s=settings.download_timeout_s,
-    )
+    files = stage1_files(settings)
     try:
         stage1 = FlashRankRunner(
             files.directory,
@@ -50,12 +45,7 @@ def load_engine(settings: Settings) -> Engine:
     stage2_gpu: Runner | None = None
     stage2_cpu: Runner | None = None
     if accelerator is not None or settings.stage2_on_cpu:
-        path = resolve_stage2(
-            settings.stage2_model,
-            settings.model_cache_dir,
-            offline=settings.offline,
-            timeout_s=settings.download_timeout_s,
-        )
+        path = stage2_path(settings)
         if accelerator is not None:
             stage2_gpu = _load_cross_encoder(path, settings, accelerator=accelerator)
         if settings.stage2_on_cpu:

@@ -24,7 +24,9 @@ def load_flashrank_tokenizer(directory: Path, max_length: int) -> tuple[Tokenize
     tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
     tokens_map = json.loads((directory / "special_tokens_map.json").read_text(encoding="utf-8"))
     tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
-    tokenizer.enable_truncation(max_length=min(int(tokenizer_config["model_max_length"]), max_length))
+    tokenizer.enable_truncation(
+        max_length=min(int(tokenizer_config["model_max_length"]), max_length)
+    )
     tokenizer.no_padding()  # padding is done per batch, below
     for token in tokens_map.values():
         if isinstance(token, str):
