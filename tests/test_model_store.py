@@ -118,3 +118,20 @@ def test_unknown_names_and_offline_misses_are_one_clear_line(tmp_path: Path) -> 
     assert "\n" not in message
     assert "cross-encoder/ms-marco-MiniLM-L-6-v2" in message and str(tmp_path / "hub") in message
     assert "fix:" in message
+
+
+def test_download_command_fetches_both_and_says_where(
+    model_host: ModelHost, tiny_models: TestModelPaths, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from reranker_server.cli import main
+
+    argv = ["download", "--stage1-model", NAME, "--flashrank-base-url", model_host.url,
+            "--stage2-model", str(tiny_models.stage2), "--model-cache-dir", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"stage 1: {NAME} -> {tmp_path / 'flashrank' / NAME}" in out
+    assert f"stage 2: {tiny_models.stage2} -> {tiny_models.stage2}" in out
+    model_host.archive = b"not a zip"
+    assert main([*argv, "--model-cache-dir", str(tmp_path / "other")]) == 1
+    assert "could not be downloaded" in capsys.readouterr().err
