@@ -63,10 +63,21 @@ def cuda_runtime_available() -> bool:
 
 
 class CudaAccelerator:
-    """A real CUDA device, through torch."""
+    """A real CUDA device, through torch.
 
-    def __init__(self, index: int) -> None:
+    `memory_limit_mb` caps this process's share of the card (torch's per-process memory
+    fraction), so that a local LLM on the same GPU keeps its room; free memory then means the
+    smaller of what the driver has free (other processes counted) and what is left of the cap.
+    """
+
+    def __init__(self, index: int, memory_limit_mb: float = 0) -> None:
+        import torch
+
         self._index = index
+        self._limit_mb = memory_limit_mb
+        if memory_limit_mb:
+            fraction = min(1.0, memory_limit_mb / self.total_memory_mb())
+            torch.cuda.set_per_process_memory_fraction(fraction, index)
 
     @property
     def torch_device(self) -> str:
@@ -81,7 +92,11 @@ class CudaAccelerator:
         import torch
 
         free, _total = torch.cuda.mem_get_info(self._index)
-        return free / 2**20
+        free_mb = free / 2**20
+        if self._limit_mb:
+            reserved_mb = torch.cuda.memory_reserved(self._index) / 2**20
+            free_mb = min(free_mb, self._limit_mb - reserved_mb)
+        return max(0.0, free_mb)
 
     def total_memory_mb(self) -> float:
         import torch
@@ -122,28 +137,37 @@ def classify_torch_failure(exc: BaseException) -> FailureKind | None:
     return None
 
 
-def detect_accelerator(device: str) -> Accelerator | None:
-    """Pick the stage-2 GPU from the `device` setting; None means "no usable GPU"."""
+def detect_accelerator(device: str, memory_limit_mb: float = 0) -> Accelerator | None:
+    """Pick the stage-2 GPU from the `device` setting; None means "no usable GPU".
+
+    `auto` and `cuda` take the GPU with the most free memory; `cuda:N` takes that one.
+    """
     if device == "cpu":
         return None
     if not cuda_runtime_available():
         if device != "auto":
-            logger.warning(
-                "device=%s was asked for, but CUDA is not available: no GPU stage", device
-            )
+            logger.warning("device=%s asked for, but CUDA is not available: no GPU stage", device)
         return None
-    index = int(device.split(":", 1)[1]) if ":" in device else 0
     import torch
 
     count = torch.cuda.device_count()
-    if index >= count:
-        logger.warning("device=%s was asked for, but only %d CUDA device(s) exist", device, count)
-        return None
-    return CudaAccelerator(index)
+    if ":" in device:
+        index = int(device.split(":", 1)[1])
+        if index >= count:
+            logger.warning("device=%s asked for, but only %d CUDA device(s) exist", device, count)
+            return None
+    else:
+        index = max(range(count), key=lambda i: torch.cuda.mem_get_info(i)[0])
+    return CudaAccelerator(index, memory_limit_mb)
 
 
 class GpuGate:
-    """Per-request decision "may stage 2 use the GPU now?", with a cool-down after faults."""
+    """Per-request decision "may stage 2 use the GPU now?": a free-VRAM check and a breaker.
+
+    After a device fault the breaker opens for `cooldown_s` (answers come from stage 1). When the
+    cool-down is over, the next request first runs `probe` (a one-pair forward pass); if it passes
+    the GPU is used again, if it fails the cool-down starts over.
+    """
 
     def __init__(
         self,
@@ -158,31 +182,45 @@ class GpuGate:
         self._clock = clock
         self._lock = threading.Lock()
         self._cooldown_until = 0.0
+        self._needs_probe = False
         self._last_failure: FailureKind | None = None
         self.failures: dict[str, int] = {}
+        self.probes: dict[str, int] = {"passed": 0, "failed": 0}
 
-    def check(self) -> FallbackReason | None:
-        """None if the GPU may be used now, else why not."""
+    def check(self, probe: Callable[[], object] | None = None) -> FallbackReason | None:
+        """None if the GPU may be used now, else why not; runs `probe` when half-open."""
         if self.accelerator is None:
             return "no_gpu"
         with self._lock:
             if self._clock() < self._cooldown_until:
                 return "cooldown"
+            probing = self._needs_probe
         try:
             free = self.accelerator.free_memory_mb()
-        except Exception as exc:  # querying a broken device is itself a device fault
-            self.record_failure(self.accelerator.classify_failure(exc) or "cuda_error")
-            return "cuda_error"
+            if free >= self._min_free_mb and probing and probe is not None:
+                probe()
+        except Exception as exc:  # a broken device fails here too
+            kind = self.accelerator.classify_failure(exc) or "cuda_error"
+            if probing:
+                self.probes["failed"] += 1
+            self.record_failure(kind)
+            return "cooldown" if probing else kind
         if free < self._min_free_mb:
             return "low_vram"
+        if probing and probe is not None:
+            with self._lock:
+                self._needs_probe = False
+            self.probes["passed"] += 1
+            logger.info("GPU probe passed; stage 2 is back on the GPU")
         return None
 
     def record_failure(self, kind: FailureKind) -> None:
-        """Free cached memory and start the cool-down; count the failure."""
+        """Free cached memory and open the breaker; count the failure."""
         with self._lock:
             self.failures[kind] = self.failures.get(kind, 0) + 1
             self._last_failure = kind
             self._cooldown_until = self._clock() + self._cooldown_s
+            self._needs_probe = True
         if self.accelerator is not None:
             self.accelerator.empty_cache()
 
@@ -199,11 +237,18 @@ class GpuGate:
             logger.warning("could not read GPU memory", exc_info=True)
         with self._lock:
             remaining = self._cooldown_until - self._clock()
+            needs_probe = self._needs_probe
             info["gpu_last_failure"] = self._last_failure
         if remaining > 0:
             info["gpu_state"] = "cooling_down"
             info["gpu_cooldown_remaining_s"] = round(remaining, 1)
+            info["gpu_cooldown_until"] = round(time.time() + remaining, 1)
+        elif needs_probe:
+            info["gpu_state"] = "probing"  # the next request checks the GPU with one pair
+        elif info.get("gpu_free_mb", self._min_free_mb) < self._min_free_mb:
+            info["gpu_state"] = "degraded"  # too little free VRAM: answers come from stage 1
         else:
             info["gpu_state"] = "ok"
         info["gpu_failures"] = dict(self.failures)
+        info["gpu_probes"] = dict(self.probes)
         return info

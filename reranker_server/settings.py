@@ -70,7 +70,24 @@ class Settings(BaseSettings):
     stage1_batch_tokens: int = Field(
         8192, ge=512, description="Token budget of one stage-1 ONNX batch (bounds memory)."
     )
-    stage2_batch_size: int = Field(32, ge=1, description="Pairs per cross-encoder forward pass.")
+    stage2_batch_size: int = Field(
+        32,
+        ge=1,
+        description="Most pairs in one cross-encoder forward pass (on a GPU, free VRAM "
+        "may allow fewer; see stage2_vram_fraction).",
+    )
+    stage2_precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="Cross-encoder weights: auto = fp16 on CUDA, fp32 on the CPU."
+    )
+    stage2_vram_fraction: float = Field(
+        0.5, gt=0, le=1, description="Share of free VRAM one stage-2 batch may use for activations."
+    )
+    gpu_memory_limit_mb: int = Field(
+        0,
+        ge=0,
+        description="Cap on this process's GPU memory, so a local LLM on the same card "
+        "keeps its room (0 = no cap).",
+    )
     max_length: int = Field(512, ge=16, le=8192, description="Max tokens of query + document.")
 
     # --- limits

@@ -76,7 +76,7 @@ def fake_gpu() -> FakeAccelerator:
 @pytest.fixture
 def gpu_server(make_settings: Callable[..., Settings], fake_gpu: FakeAccelerator) -> Iterator[str]:
     settings = make_settings(candidates=4, gpu_cooldown_s=60)
-    app = create_app(settings, engine_factory=lambda s: load_engine(s, detect=lambda _: fake_gpu))
+    app = create_app(settings, engine_factory=lambda s: load_engine(s, detect=lambda *_: fake_gpu))
     with running(app) as url:
         yield url
 
@@ -147,7 +147,9 @@ def test_gpu_oom_answers_from_stage1_and_cools_down(
     assert (first.json()["backend"], first.json()["fallback"]) == ("cpu", "oom")
     stage1 = best_first(flashrank_scores(tiny_models, QUERY, DOCS))
     assert [r["index"] for r in first.json()["results"]] == stage1[:3]
-    assert fake_gpu.cache_emptied == 1
+    # the OOM ladder: 4 candidates, then 2, then 1 pair; cache freed at each rung and at the end
+    assert fake_gpu.forwards[-3:] == [4, 2, 1]
+    assert fake_gpu.cache_emptied == 3
 
     health = httpx.get(f"{gpu_server}/health").json()
     assert health["gpu_state"] == "cooling_down" and health["gpu_last_failure"] == "oom"

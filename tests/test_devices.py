@@ -50,5 +50,19 @@ def test_gate_checks_vram_and_cools_down() -> None:
     assert state["gpu_failures"] == {"oom": 1} and acc.cache_emptied == 1
     assert gate.check() == "cooldown"
     clock.now += 10
-    assert gate.check() is None and gate.state()["gpu_state"] == "ok"
+    assert gate.state()["gpu_state"] == "probing"
+
+    def broken_probe() -> None:
+        raise RuntimeError("CUDA error: unspecified launch failure")
+
+    assert gate.check(probe=broken_probe) == "cooldown"  # probe failed: cool down again
+    assert gate.state()["gpu_failures"] == {"oom": 1, "cuda_error": 1}
+    clock.now += 10
+    probes: list[int] = []
+    assert gate.check(probe=lambda: probes.append(1)) is None
+    assert probes == [1] and gate.state()["gpu_state"] == "ok"
+    assert gate.check(probe=lambda: probes.append(1)) is None and probes == [1]  # once only
+    assert gate.state()["gpu_probes"] == {"passed": 1, "failed": 1}
+    acc.free_mb = 10
+    assert gate.state()["gpu_state"] == "degraded"
     assert GpuGate(None, 0, 0).check() == "no_gpu"

@@ -18,6 +18,9 @@ from ..types import Backend, FallbackReason, RerankOutcome, ScoredDocument, Stag
 
 logger = logging.getLogger(__name__)
 
+PROBE_QUERY = "probe"
+PROBE_DOCUMENT = "a one-pair forward pass to see whether the GPU works again"
+
 
 def _rank(scores: Sequence[float]) -> list[int]:
     """Positions best first; ties keep request order."""
@@ -76,7 +79,8 @@ class Engine:
         """
         fallback: FallbackReason | None = "no_gpu"
         if self.stage2_gpu is not None:
-            fallback = self.gate.check()
+            gpu = self.stage2_gpu
+            fallback = self.gate.check(probe=lambda: gpu.score(PROBE_QUERY, [PROBE_DOCUMENT]))
             if fallback is None:
                 try:
                     scores, report = self._run(self.stage2_gpu, query, texts)

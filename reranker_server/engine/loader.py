@@ -20,11 +20,11 @@ WARMUP_DOCUMENT = "the first request should not pay for lazy initialisation"
 
 
 def load_engine(
-    settings: Settings, detect: Callable[[str], Accelerator | None] = detect_accelerator
+    settings: Settings, detect: Callable[[str, float], Accelerator | None] = detect_accelerator
 ) -> Engine:
     """Load both stages as the settings say. Raises ModelLoadError with a one-line message.
 
-    `detect` picks the GPU from the `device` setting (tests hand in a fake device here).
+    `detect(device, memory_limit_mb)` picks the GPU (tests hand in a fake device here).
     """
     from ..runners.flashrank import FlashRankRunner
 
@@ -46,7 +46,7 @@ def load_engine(
             "a valid FlashRank model"
         ) from exc
 
-    accelerator = detect(settings.device)
+    accelerator = detect(settings.device, settings.gpu_memory_limit_mb)
     gate = GpuGate(accelerator, settings.min_free_vram_mb, settings.gpu_cooldown_s)
     stage2_gpu: Runner | None = None
     stage2_cpu: Runner | None = None
@@ -87,6 +87,8 @@ def _load_cross_encoder(path: str, settings: Settings, accelerator: Accelerator 
             batch_size=settings.stage2_batch_size,
             max_length=settings.max_length,
             threads=settings.threads_per_worker(),
+            precision=settings.stage2_precision,
+            vram_fraction=settings.stage2_vram_fraction,
             trust_remote_code=settings.trust_remote_code,
         )
     except Exception as exc:

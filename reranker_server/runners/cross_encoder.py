@@ -1,7 +1,14 @@
 """Stage 2: a sentence-transformers `CrossEncoder`, on the GPU (or the CPU by setting).
 
 Scores are sigmoid(logit), computed from `CrossEncoder.predict`'s raw logits.
-Device faults (OOM, CUDA errors) propagate to the engine, which decides what to do.
+
+On a GPU (an `Accelerator` is given):
+- weights in fp16 by default (`precision`), logits read back as float32;
+- batches are length-sorted and bounded by a token budget derived from free VRAM and the model's
+  width (`vram_fraction` of free memory for activations), never more than `batch_size` pairs;
+- on CUDA out-of-memory the runner frees the cache and retries the same pairs with half the batch,
+  down to one pair (the "OOM ladder"); only an OOM at one pair, or any other device fault,
+  propagates to the engine, which answers from stage 1.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 class CrossEncoderRunner:
     """Scores pairs with a cross-encoder on one torch device."""
@@ -31,11 +40,15 @@ class CrossEncoderRunner:
         batch_size: int = 32,
         max_length: int = 512,
         threads: int = 1,
+        precision: str = "auto",
+        vram_fraction: float = 0.5,
         trust_remote_code: bool = False,
     ) -> None:
         self._accelerator = accelerator
         self.device = accelerator.torch_device if accelerator is not None else "cpu"
         self._batch_size = batch_size
+        self._max_length = max_length
+        self._vram_fraction = vram_fraction
         torch.set_num_threads(threads)
         self._model = CrossEncoder(
             model_path,
@@ -44,25 +57,70 @@ class CrossEncoderRunner:
             trust_remote_code=trust_remote_code,
             local_files_only=True,
         )
-        self._model.model.eval()
+        if precision == "auto":
+            precision = "fp16" if self.device.startswith("cuda") else "fp32"
+        self.precision = precision
+        self._model.model.to(DTYPES[precision]).eval()
+        config = self._model.model.config
+        # activation bytes one token costs in a forward pass (hidden states, FFN, attention row)
+        width = 8 * config.hidden_size + 2 * config.intermediate_size
+        self._bytes_per_token = DTYPES[precision].itemsize * (
+            width + config.num_attention_heads * max_length
+        )
         self.name = model_path
+        self.oom_retries = 0  # rungs taken down the OOM ladder, for metrics
 
     def score(self, query: str, documents: Sequence[str]) -> list[float]:
         if not documents:
             return []
-        pairs = [(query, doc) for doc in documents]
-        logits: list[np.ndarray] = []
-        for start in range(0, len(pairs), self._batch_size):
-            chunk = pairs[start : start + self._batch_size]
-            if self._accelerator is not None:
-                self._accelerator.before_forward(len(chunk))
-            out = self._model.predict(
-                chunk,
-                batch_size=len(chunk),
-                activation_fn=torch.nn.Identity(),
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
-            logits.append(np.asarray(out, dtype=np.float64).reshape(len(chunk), -1)[:, 0])
-        raw = np.concatenate(logits)
-        return [float(s) for s in 1.0 / (1.0 + np.exp(-raw))]
+        lengths = self._lengths(query, documents)
+        order = sorted(range(len(documents)), key=lambda i: -lengths[i])
+        logits = np.empty(len(documents), dtype=np.float64)
+        start = 0
+        size = self._batch_size
+        while start < len(order):
+            size = min(size, self._pairs_that_fit(lengths[order[start]]))
+            batch = order[start : start + size]
+            try:
+                logits[batch] = self._forward([(query, documents[i]) for i in batch])
+            except Exception as exc:
+                if len(batch) == 1 or not self._is_oom(exc):
+                    raise
+                self._accelerator.empty_cache()  # type: ignore[union-attr]
+                size = max(1, len(batch) // 2)
+                self.oom_retries += 1
+                logger.warning("CUDA out of memory at %d pairs; retrying with %d", len(batch), size)
+                continue
+            start += len(batch)
+        return [float(s) for s in 1.0 / (1.0 + np.exp(-logits))]
+
+    def _lengths(self, query: str, documents: Sequence[str]) -> list[int]:
+        encoded = self._model.tokenizer(
+            [query] * len(documents),
+            list(documents),
+            truncation=True,
+            max_length=self._max_length,
+        )
+        return [len(ids) for ids in encoded["input_ids"]]
+
+    def _pairs_that_fit(self, longest: int) -> int:
+        """Pairs of `longest` tokens whose activations fit in the VRAM share (CPU: no bound)."""
+        if self._accelerator is None:
+            return self._batch_size
+        budget = self._accelerator.free_memory_mb() * 2**20 * self._vram_fraction
+        return max(1, min(self._batch_size, int(budget // (longest * self._bytes_per_token))))
+
+    def _is_oom(self, exc: Exception) -> bool:
+        return self._accelerator is not None and self._accelerator.classify_failure(exc) == "oom"
+
+    def _forward(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        if self._accelerator is not None:
+            self._accelerator.before_forward(len(pairs))
+        out = self._model.predict(
+            pairs,
+            batch_size=len(pairs),
+            activation_fn=torch.nn.Identity(),
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return np.asarray(out, dtype=np.float64).reshape(len(pairs), -1)[:, 0]
