@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -99,10 +100,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(settings: Settings) -> int:
+    """Run uvicorn; SIGTERM / SIGINT stop it gracefully (in-flight requests finish), exit 0."""
     import uvicorn
 
     from .app import create_app
 
+    # uvicorn re-raises the signal that stopped it once it has shut down; with these no-op
+    # handlers in place that ends the process with status 0 instead of "killed by SIGTERM".
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, lambda *_: None)
     uvicorn.run(
         create_app(settings),
         host=settings.host,

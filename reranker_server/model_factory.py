@@ -16,6 +16,7 @@ import json
 import logging
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,7 +143,8 @@ def _export_int8(model, path: Path) -> None:  # type: ignore[no-untyped-def]
 
     names = ["input_ids", "attention_mask", "token_type_ids"]
     ids = torch.ones((2, 8), dtype=torch.long)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes about Python bools are expected here
         fp32 = Path(tmp) / "model.onnx"
         torch.onnx.export(
             model,

@@ -29,7 +29,12 @@ class RequestGuard:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         content_type = headers.get("content-type")
-        if content_type is not None and not _is_json(content_type):
+        if content_type is None:  # curl -d without -H, some scripts: read the body as JSON
+            scope = {
+                **scope,
+                "headers": [*scope["headers"], (b"content-type", b"application/json")],
+            }
+        elif not _is_json(content_type):
             await _reply(
                 send,
                 415,

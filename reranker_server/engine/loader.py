@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from ..devices import Accelerator, GpuGate, detect_accelerator
 from ..errors import ModelLoadError
@@ -18,8 +19,13 @@ WARMUP_QUERY = "warm up"
 WARMUP_DOCUMENT = "the first request should not pay for lazy initialisation"
 
 
-def load_engine(settings: Settings) -> Engine:
-    """Load both stages as the settings say. Raises ModelLoadError with a one-line message."""
+def load_engine(
+    settings: Settings, detect: Callable[[str], Accelerator | None] = detect_accelerator
+) -> Engine:
+    """Load both stages as the settings say. Raises ModelLoadError with a one-line message.
+
+    `detect` picks the GPU from the `device` setting (tests hand in a fake device here).
+    """
     from ..runners.flashrank import FlashRankRunner
 
     started = time.perf_counter()
@@ -40,7 +46,7 @@ def load_engine(settings: Settings) -> Engine:
             "a valid FlashRank model"
         ) from exc
 
-    accelerator = detect_accelerator(settings.device)
+    accelerator = detect(settings.device)
     gate = GpuGate(accelerator, settings.min_free_vram_mb, settings.gpu_cooldown_s)
     stage2_gpu: Runner | None = None
     stage2_cpu: Runner | None = None

@@ -49,7 +49,7 @@ class InferencePool:
         future.add_done_callback(self._release)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self._timeout_s)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             future.cancel()  # drops it if it has not started; a running one finishes alone
             raise RequestTimeoutError(
                 f"request did not finish within {self._timeout_s:g} s; retry later",

@@ -1,0 +1,73 @@
+"""Backpressure and timeouts through the real HTTP stack (a slow deterministic scorer)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import httpx
+
+from reranker_server.app import create_app
+from reranker_server.devices import GpuGate
+from reranker_server.engine.cascade import Engine
+from reranker_server.settings import Settings
+
+from .conftest import running
+from .fakes import KeywordRunner
+
+
+class SlowRunner(KeywordRunner):
+    def __init__(self, seconds: float) -> None:
+        super().__init__("slow")
+        self.seconds = seconds
+        self.running = threading.Event()
+
+    def score(self, query: str, documents: Sequence[str]) -> list[float]:
+        self.running.set()
+        time.sleep(self.seconds)
+        return super().score(query, documents)
+
+
+def slow_app(make_settings: Callable[..., Settings], seconds: float, **overrides: object):  # type: ignore[no-untyped-def]
+    runner = SlowRunner(seconds)
+    engine = Engine(runner, gate=GpuGate(None, 0, 0))
+    return create_app(make_settings(**overrides), engine_factory=lambda _s: engine), runner
+
+
+BODY = {"query": "q", "documents": ["a", "b"], "top_k": 1}
+
+
+def test_full_queue_answers_429_with_retry_after(make_settings: Callable[..., Settings]) -> None:
+    app, _ = slow_app(make_settings, 0.5, workers=1, max_queue=1)
+
+    async def burst(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            return list(
+                await asyncio.gather(*(client.post("/rerank", json=BODY) for _ in range(6)))
+            )
+
+    with running(app) as url:
+        started = time.perf_counter()
+        responses = asyncio.run(burst(url))
+        elapsed = time.perf_counter() - started
+        codes = sorted(r.status_code for r in responses)
+        assert codes == [200, 200, 429, 429, 429, 429], codes
+        refused = [r for r in responses if r.status_code == 429]
+        assert all(int(r.headers["Retry-After"]) >= 1 for r in refused)
+        assert all(r.json()["error_type"] == "overloaded" for r in refused)
+        assert elapsed < 3  # refused at once, not after waiting
+        # capacity comes back once the queue drains
+        assert httpx.post(f"{url}/rerank", json=BODY).status_code == 200
+
+
+def test_request_timeout_is_a_retryable_503(make_settings: Callable[..., Settings]) -> None:
+    app, runner = slow_app(make_settings, 1.0, request_timeout_s=0.2)
+    with running(app) as url:
+        response = httpx.post(f"{url}/rerank", json=BODY)
+        assert response.status_code == 503
+        assert response.json()["error_type"] == "timeout"
+        assert response.headers["Retry-After"]
+        assert runner.running.is_set()
+        assert httpx.get(f"{url}/health").status_code == 200

@@ -1,0 +1,78 @@
+"""Settings: environment, flags, validation, and the README table."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from reranker_server.cli import build_parser, settings_from_args
+from reranker_server.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_match_the_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(__import__("os").environ):
+        if key.startswith("RERANKER_"):
+            monkeypatch.delenv(key)
+    s = Settings()
+    assert s.port == 5200 and s.candidates == 10
+    assert s.stage1_model == "ms-marco-MiniLM-L-12-v2"
+    assert s.stage2_model == "cross-encoder/ms-marco-MiniLM-L-6-v2"
+    assert s.model_cache_dir == Path("hf_cache") and not s.trust_remote_code
+
+
+def test_environment_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RERANKER_PORT", "6000")
+    monkeypatch.setenv("RERANKER_CANDIDATES", "20")
+    monkeypatch.setenv("RERANKER_STAGE2_ON_CPU", "true")
+    args = build_parser().parse_args(["serve", "--candidates", "7", "--no-warmup"])
+    s = settings_from_args(args)
+    assert (s.port, s.candidates, s.stage2_on_cpu, s.warmup) == (6000, 7, True, False)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "CUDA:0"])
+def test_device_accepts(device: str) -> None:
+    assert Settings(device=device).device == device.lower()
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:x", "tpu"])
+def test_device_rejects(device: str) -> None:
+    with pytest.raises(ValidationError):
+        Settings(device=device)
+
+
+def test_threads_never_oversubscribe() -> None:
+    s = Settings(cpu_threads=2, workers=2)
+    assert s.threads_per_worker() * s.workers <= s.total_threads()
+    assert Settings(cpu_threads=2, workers=4).threads_per_worker() == 1
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = [n for n in Settings.model_fields if f"`RERANKER_{n.upper()}`" not in readme]
+    assert missing == []
+
+
+def test_requirements_txt_matches_pyproject() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    listed = [
+        line.strip()
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert listed == project["dependencies"]
+    for spec_package in ("fastapi", "uvicorn", "sentence-transformers", "flashrank", "torch"):
+        assert any(re.match(rf"{spec_package}\b", d) for d in listed)
+
+
+def test_ci_installs_the_pinned_cpu_torch_and_runs_the_readme_command() -> None:
+    ci = (ROOT / ".ci" / "run").read_text()
+    readme = (ROOT / "README.md").read_text()
+    command = next(line.strip() for line in ci.splitlines() if line.startswith("python3 -m venv"))
+    assert "pip install torch==2.13.0" in command
+    assert f"    {command}\n" in readme

@@ -1,0 +1,162 @@
+"""The real entry points in subprocesses: `uvicorn reranker_server:app` and `reranker-server`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from reranker_server.model_factory import TestModelPaths
+
+from .conftest import free_port
+
+BIN = Path(sys.executable).parent
+
+
+def env_for(models: TestModelPaths, tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RERANKER_")}
+    env.update(
+        {
+            "RERANKER_STAGE1_MODEL": str(models.stage1),
+            "RERANKER_STAGE2_MODEL": str(models.stage2),
+            "RERANKER_MODEL_CACHE_DIR": str(tmp_path / "cache"),
+            "RERANKER_OFFLINE": "true",
+            "RERANKER_DEVICE": "cpu",
+            "HF_HUB_OFFLINE": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def wait_healthy(url: str, process: subprocess.Popen[str], seconds: float = 90) -> dict:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1]
+        try:
+            return httpx.get(f"{url}/health", timeout=1).json()  # type: ignore[no-any-return]
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise TimeoutError("server did not come up")
+
+
+def test_import_is_cheap() -> None:
+    code = (
+        "import sys, reranker_server; "
+        "heavy = [m for m in ('torch', 'onnxruntime', 'sentence_transformers', 'flashrank') "
+        "if m in sys.modules]; print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_uvicorn_entry_point_serves_and_stops_cleanly(
+    tiny_models: TestModelPaths, tmp_path: Path
+) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [str(BIN / "uvicorn"), "reranker_server:app", "--host", "127.0.0.1", "--port", str(port)],
+        env=env_for(tiny_models, tmp_path, RERANKER_STAGE2_ON_CPU="true"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        health = wait_healthy(url, process)
+        assert health["status"] == "ok" and health["stage2_device"] == "cpu"
+        body = httpx.post(
+            f"{url}/rerank", json={"query": "paris", "documents": ["a", "b"], "top_k": 1}
+        ).json()
+        assert [s["device"] for s in body["stages"]] == ["cpu", "cpu"]
+        process.send_signal(signal.SIGTERM)
+        # uvicorn's own CLI shuts down gracefully, then re-raises SIGTERM on itself
+        assert process.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        process.kill()
+        _, stderr = process.communicate()
+    assert "models ready" in stderr and "Finished server process" in stderr
+
+
+def test_cli_serve_flags_override_environment(tiny_models: TestModelPaths, tmp_path: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            str(BIN / "reranker-server"),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--candidates",
+            "3",
+            "--log-level",
+            "warning",
+        ],
+        env=env_for(tiny_models, tmp_path, RERANKER_PORT="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_healthy(f"http://127.0.0.1:{port}", process)["status"] == "ok"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        process.communicate()
+
+
+def test_missing_model_stops_startup_with_one_clear_line(
+    tiny_models: TestModelPaths, tmp_path: Path
+) -> None:
+    env = env_for(
+        tiny_models,
+        tmp_path,
+        RERANKER_STAGE2_ON_CPU="true",
+        RERANKER_STAGE2_MODEL="cross-encoder/no-such-model",
+    )
+    out = subprocess.run(
+        [str(BIN / "uvicorn"), "reranker_server:app", "--port", str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if "cross-encoder/no-such-model" in line]
+    assert len(lines) == 1
+    assert "offline mode is on" in lines[0] and "fix:" in lines[0]
+
+
+def test_invalid_setting_is_reported_not_raised(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [str(BIN / "reranker-server"), "serve", "--device", "tpu"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "invalid setting device" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_make_test_models_prints_the_settings(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [str(BIN / "reranker-server"), "make-test-models", str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert (
+        f"RERANKER_STAGE1_MODEL={tmp_path / 'm' / 'flashrank' / 'ms-marco-MiniLM-L-12-v2'}"
+        in out.stdout
+    )
+    assert f"RERANKER_STAGE2_MODEL={tmp_path / 'm' / 'cross-encoder'}" in out.stdout
+    assert (tmp_path / "m" / "cross-encoder" / "model.safetensors").is_file()
