@@ -10,19 +10,19 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
 
-from reranker_server.app import create_app
 from reranker_server.cli import build_parser, settings_from_args
 from reranker_server.model_factory import TestModelPaths
 from reranker_server.settings import Settings
-from tests.conftest import free_port, running
+from tests.conftest import free_port
 from tests.deploy_files import (
     DOCKERFILE,
     ROOT,
@@ -177,18 +177,49 @@ def _healthcheck_argv(instructions: list[Instruction]) -> tuple[str, list[str]]:
     return options, [sys.executable, *argv[1:]]
 
 
-def test_healthcheck_passes_against_a_live_server(
-    instructions: list[Instruction], make_settings: Callable[..., Settings]
+def test_container_command_serves_passes_healthcheck_and_stops_on_sigterm(
+    instructions: list[Instruction], tiny_models: TestModelPaths, tmp_path: Path
 ) -> None:
-    options, argv = _healthcheck_argv(instructions)
+    """What `docker run` then `docker stop` do: the image's ENTRYPOINT + CMD with its ENV (the
+    cache moved to a temporary directory, tiny models), the HEALTHCHECK command, then SIGTERM."""
+    options, health_argv = _healthcheck_argv(instructions)
     assert "--start-period=" in options  # the first start downloads models
-    app = create_app(make_settings())
-    with running(app) as url:
-        port = url.rsplit(":", 1)[1]
-        result = subprocess.run(
-            argv, env={**os.environ, "RERANKER_PORT": port}, capture_output=True, timeout=30
-        )
-    assert result.returncode == 0, result.stderr.decode()
+    argv = exec_form(only(instructions, "ENTRYPOINT").arguments) + exec_form(
+        only(instructions, "CMD").arguments
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RERANKER_")}
+    env.update(last_stage_env(instructions))
+    env.update(
+        {
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+            "HF_HOME": str(tmp_path),
+            "RERANKER_MODEL_CACHE_DIR": str(tmp_path),
+            "RERANKER_HOST": "127.0.0.1",
+            "RERANKER_PORT": str(free_port()),
+            "RERANKER_STAGE1_MODEL": str(tiny_models.stage1),
+            "RERANKER_STAGE2_MODEL": str(tiny_models.stage2),
+            "RERANKER_OFFLINE": "true",
+            "RERANKER_DEVICE": "cpu",
+            "RERANKER_CPU_THREADS": "1",
+        }
+    )
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while True:  # Docker's health checks during the start period
+            assert process.poll() is None, process.communicate()[1].decode()
+            check = subprocess.run(health_argv, env=env, capture_output=True, timeout=30)
+            if check.returncode == 0:
+                break
+            assert check.returncode == 1, check.stderr.decode()
+            assert time.monotonic() < deadline, "the health check never passed"
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)  # docker stop
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        _, stderr = process.communicate()
+    assert b"Finished server process" in stderr
 
 
 def test_healthcheck_fails_with_status_1_when_nothing_listens(
