@@ -39,9 +39,7 @@ CANDIDATES = 4  # fewer than the documents, so top_n changes what stage 2 sees
 
 
 @pytest.fixture(scope="module")
-def server(
-    tiny_models: TestModelPaths, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
+def server(tiny_models: TestModelPaths, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     settings = Settings(
         stage1_model=str(tiny_models.stage1),
         stage2_model=str(tiny_models.stage2),
@@ -81,14 +79,14 @@ def test_native_answer_is_ordered_and_distinct(server: str) -> None:
 
 
 def test_cohere_v1_client(server: str) -> None:
-    co = cohere.Client(api_key="any-key", base_url=server)
-    response = co.rerank(
-        query=QUERY,
-        documents=DOCUMENTS,
-        top_n=3,
-        return_documents=True,
-        model="rerank-english-v3.0",
-    )
+    with cohere.Client(api_key="any-key", base_url=server) as co:
+        response = co.rerank(
+            query=QUERY,
+            documents=DOCUMENTS,
+            top_n=3,
+            return_documents=True,
+            model="rerank-english-v3.0",
+        )
     got = [(r.index, r.relevance_score) for r in response.results]
     assert got == native(server, 3)
     for r in response.results:
@@ -100,10 +98,14 @@ def test_cohere_v1_client(server: str) -> None:
 
 def test_cohere_v1_client_object_documents_with_rank_fields(server: str) -> None:
     docs = [{"title": f"doc {i}", "text": text} for i, text in enumerate(DOCUMENTS)]
-    co = cohere.Client(api_key="any-key", base_url=server)
-    response = co.rerank(
-        query=QUERY, documents=docs, rank_fields=["title", "text"], top_n=5, return_documents=True
-    )
+    with cohere.Client(api_key="any-key", base_url=server) as co:
+        response = co.rerank(
+            query=QUERY,
+            documents=docs,
+            rank_fields=["title", "text"],
+            top_n=5,
+            return_documents=True,
+        )
     got = [(r.index, r.relevance_score) for r in response.results]
     # The text ranked is one "key: value" line per field: the native dialect with those strings.
     as_text = [f"title: {d['title']}\ntext: {d['text']}" for d in docs]
@@ -116,11 +118,11 @@ def test_cohere_v1_client_object_documents_with_rank_fields(server: str) -> None
 
 
 def test_cohere_v2_client(server: str) -> None:
-    co = cohere.ClientV2(api_key="any-key", base_url=server)
-    response = co.rerank(model="rerank-v3.5", query=QUERY, documents=DOCUMENTS, top_n=2)
-    assert [(r.index, r.relevance_score) for r in response.results] == native(server, 2)
-    # No top_n: every document.
-    response = co.rerank(model="rerank-v3.5", query=QUERY, documents=DOCUMENTS)
+    with cohere.ClientV2(api_key="any-key", base_url=server) as co:
+        response = co.rerank(model="rerank-v3.5", query=QUERY, documents=DOCUMENTS, top_n=2)
+        assert [(r.index, r.relevance_score) for r in response.results] == native(server, 2)
+        # No top_n: every document.
+        response = co.rerank(model="rerank-v3.5", query=QUERY, documents=DOCUMENTS)
     got = [(r.index, r.relevance_score) for r in response.results]
     assert got == native(server, len(DOCUMENTS))
     assert_best_first(got)
@@ -128,10 +130,10 @@ def test_cohere_v2_client(server: str) -> None:
 
 def test_cohere_async_v2_client(server: str) -> None:
     async def call() -> list[tuple[int, float]]:
-        co = cohere.AsyncClientV2(api_key="any-key", base_url=server)
-        response = await co.rerank(
-            model="rerank-v3.5", query=QUERY, documents=DOCUMENTS, top_n=3
-        )
+        async with cohere.AsyncClientV2(api_key="any-key", base_url=server) as co:
+            response = await co.rerank(
+                model="rerank-v3.5", query=QUERY, documents=DOCUMENTS, top_n=3
+            )
         return [(r.index, r.relevance_score) for r in response.results]
 
     assert asyncio.run(call()) == native(server, 3)
@@ -142,7 +144,8 @@ def test_langchain_cohere_rerank(server: str) -> None:
         base_url=server, cohere_api_key="any-key", model="rerank-v3.5", top_n=3
     )
     docs = [Document(page_content=text, metadata={"n": i}) for i, text in enumerate(DOCUMENTS)]
-    compressed = reranker.compress_documents(docs, QUERY)
+    with reranker.client:  # the cohere ClientV2 it built from base_url; closes its connections
+        compressed = reranker.compress_documents(docs, QUERY)
     expected = native(server, 3)
     assert [d.metadata["n"] for d in compressed] == [i for i, _ in expected]
     assert [d.metadata["relevance_score"] for d in compressed] == [s for _, s in expected]
@@ -152,8 +155,11 @@ def test_llama_index_cohere_rerank(server: str) -> None:
     reranker = LlamaIndexCohereRerank(
         top_n=3, model="rerank-v3.5", api_key="any-key", base_url=server, max_retries=1
     )
-    nodes = [NodeWithScore(node=TextNode(text=text, id_=str(i))) for i, text in enumerate(DOCUMENTS)]
-    ranked = reranker.postprocess_nodes(nodes, query_str=QUERY)
+    nodes = [
+        NodeWithScore(node=TextNode(text=text, id_=str(i))) for i, text in enumerate(DOCUMENTS)
+    ]
+    with reranker._client:  # the cohere ClientV2 it built from base_url; closes its connections
+        ranked = reranker.postprocess_nodes(nodes, query_str=QUERY)
     expected = native(server, 3)
     assert [int(n.node.node_id) for n in ranked] == [i for i, _ in expected]
     assert [n.score for n in ranked] == [s for _, s in expected]

@@ -44,9 +44,7 @@ class BatchRerankResponse(BaseModel):
     responses: list[RerankResponse] = Field(..., description="One per request, in order.")
 
 
-@router.post(
-    "/rerank/batch", response_model=BatchRerankResponse, responses=ERROR_RESPONSES
-)
+@router.post("/rerank/batch", response_model=BatchRerankResponse, responses=ERROR_RESPONSES)
 async def rerank_batch(
     body: BatchRerankRequest, engine: EngineDep, pool: PoolDep, settings: SettingsDep
 ) -> BatchRerankResponse:

@@ -92,7 +92,13 @@ SPEC_EXAMPLE: dict[str, Any] = {
 class RerankRequest(BaseModel):
     """`POST /rerank`: a query and the passages to order."""
 
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [SPEC_EXAMPLE]})
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [SPEC_EXAMPLE],
+            "anyOf": [{"required": ["top_k"]}, {"required": ["top_n"]}],
+        },
+    )
 
     query: StrictStr = Field(..., min_length=1, description="The search query (not empty).")
     documents: list[Document] = Field(
