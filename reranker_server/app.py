@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from . import __version__
-from .api import health, native
+from .api import batch, cohere, health, native
 from .api.errors import install_error_handlers
 from .api.guard import RequestGuard
 from .devices import cuda_runtime_available
@@ -71,6 +71,8 @@ class RerankerApp(FastAPI):
             self.settings.workers, self.settings.max_queue, self.settings.request_timeout_s
         )
         self.state.engine = await asyncio.to_thread(self._engine_factory, self.settings)
+        if self.settings.required_api_key() is not None:
+            logger.info("API key required on rerank routes (Authorization: Bearer)")
 
     async def shutdown(self) -> None:
         """Let running inference finish, then release the models."""
@@ -92,6 +94,8 @@ def create_app(
     app = RerankerApp(settings, engine_factory)
     install_error_handlers(app)
     app.include_router(native.router)
+    app.include_router(batch.router)
+    app.include_router(cohere.router)
     app.include_router(health.router)
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
     return app

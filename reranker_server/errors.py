@@ -19,6 +19,18 @@ class InvalidRequestError(RerankerError):
         self.field = field
 
 
+class ModelNotFoundError(InvalidRequestError):
+    """The request names a model this server does not serve (only when names are restricted)."""
+
+    error_type = "model_not_found"
+
+
+class UnauthorizedError(RerankerError):
+    """An API key is required and the request did not bring the right one."""
+
+    error_type = "unauthorized"
+
+
 class OverloadedError(RerankerError):
     """The queue is full; the client should retry after `retry_after_s`."""
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_STAGE1_MODEL = "ms-marco-MiniLM-L-12-v2"
@@ -98,6 +98,25 @@ class Settings(BaseSettings):
         16 * 1024 * 1024, ge=1024, description="Largest request body accepted, in bytes."
     )
 
+    max_batch_requests: int = Field(
+        32, ge=1, description="Queries accepted in one POST /rerank/batch call."
+    )
+
+    # --- clients
+    api_key: SecretStr | None = Field(
+        None,
+        description="When set, rerank routes require `Authorization: Bearer <key>` (health stays "
+        "open). Empty: no key.",
+    )
+    api_key_file: Path | None = Field(
+        None, description="Read the API key from this file (Docker secrets); not with api_key."
+    )
+    accepted_models: str = Field(
+        "",
+        description="Comma-separated model names requests may ask for (besides the configured "
+        "ones); empty: any name is served by the configured cascade.",
+    )
+
     # --- execution
     workers: int = Field(
         1, ge=1, description="Inference runs at a time (each gets cpu_threads / workers threads)."
@@ -132,6 +151,33 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_log_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _read_api_key_file(self) -> Settings:
+        if self.api_key is not None and not self.api_key.get_secret_value().strip():
+            self.api_key = None
+        if self.api_key_file is None:
+            return self
+        if self.api_key is not None:
+            raise ValueError("set api_key or api_key_file, not both")
+        try:
+            key = self.api_key_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(
+                f"api_key_file {self.api_key_file} can't be read ({type(exc).__name__})"
+            ) from exc
+        if not key:
+            raise ValueError(f"api_key_file {self.api_key_file} is empty")
+        self.api_key = SecretStr(key)
+        return self
+
+    def required_api_key(self) -> str | None:
+        """The key rerank routes require, or None when they are open."""
+        return self.api_key.get_secret_value() if self.api_key is not None else None
+
+    def accepted_model_names(self) -> set[str]:
+        """Extra model names requests may name; empty means any name is accepted."""
+        return {name.strip() for name in self.accepted_models.split(",") if name.strip()}
 
     def total_threads(self) -> int:
         """Threads all inference may use together: the setting, or every core."""

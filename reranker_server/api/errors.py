@@ -19,16 +19,21 @@ from ..errors import (
     InferenceError,
     InvalidRequestError,
     ModelLoadError,
+    ModelNotFoundError,
     NotReadyError,
     OverloadedError,
     RequestTimeoutError,
     RerankerError,
+    UnauthorizedError,
 )
+from .schemas import BODY_SHAPE_TAGS
 
 logger = logging.getLogger(__name__)
 
 STATUS_BY_ERROR: dict[type[RerankerError], int] = {
     InvalidRequestError: 422,
+    ModelNotFoundError: 404,
+    UnauthorizedError: 401,
     OverloadedError: 429,
     RequestTimeoutError: 503,
     NotReadyError: 503,
@@ -48,8 +53,17 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def status_of(exc: RerankerError) -> int:
+    """The HTTP status of an error: its own class's entry, else the nearest base class's."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return 500
+
+
 def _location(loc: tuple[int | str, ...]) -> str:
-    parts = [p for p in loc if p != "body"]
+    # "body" and the tag that says which request shape was read are not part of the field name.
+    parts = [p for p in loc if p != "body" and p not in BODY_SHAPE_TAGS]
     text = ""
     for part in parts:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
@@ -58,11 +72,13 @@ def _location(loc: tuple[int | str, ...]) -> str:
 
 async def _on_reranker_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RerankerError)
-    status = next((s for t, s in STATUS_BY_ERROR.items() if isinstance(exc, t)), 500)
+    status = status_of(exc)
     headers = None
     retry_after = getattr(exc, "retry_after_s", None)
     if retry_after is not None:
         headers = {"Retry-After": str(retry_after)}
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
     if status >= 500:
         logger.error("%s: %s", exc.error_type, exc, exc_info=exc.__cause__ is not None)
     return error_response(status, str(exc), exc.error_type, getattr(exc, "field", None), headers)

@@ -9,16 +9,20 @@ from ..settings import Settings
 
 
 def check_rerank_input(
-    query: str, documents: Sequence[str], settings: Settings, documents_field: str = "documents"
+    query: str,
+    documents: Sequence[str],
+    settings: Settings,
+    documents_field: str = "documents",
+    query_field: str = "query",
 ) -> None:
     """Raise InvalidRequestError naming the field and the limit when the input breaks one."""
     if not query.strip():
-        raise InvalidRequestError("query must not be empty", field="query")
+        raise InvalidRequestError(f"{query_field} must not be empty", field=query_field)
     if len(query) > settings.max_query_chars:
         raise InvalidRequestError(
-            f"query has {len(query)} characters; the limit is {settings.max_query_chars} "
+            f"{query_field} has {len(query)} characters; the limit is {settings.max_query_chars} "
             "(max_query_chars)",
-            field="query",
+            field=query_field,
         )
     if len(documents) > settings.max_documents:
         raise InvalidRequestError(

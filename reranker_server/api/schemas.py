@@ -1,10 +1,82 @@
-"""Request and response models of the native dialect (what /docs shows)."""
+"""Request and response models of the native dialect, and the lenient field types every dialect
+shares (what /docs shows). Cohere's, TEI's and the batch models live in their dialect's module."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+)
+from pydantic_core import PydanticCustomError
+
+# Tags of the request shapes `POST /rerank` accepts; validation errors leave them out of the field.
+NATIVE_SHAPE = "native"
+TEI_SHAPE = "tei"
+BODY_SHAPE_TAGS = frozenset({NATIVE_SHAPE, TEI_SHAPE})
+
+
+def _document(value: Any) -> str | dict[str, Any]:
+    if isinstance(value, str | dict):
+        return value
+    raise PydanticCustomError(
+        "document_type", 'Input should be a string or an object with a "text" field'
+    )
+
+
+# A passage: a string, or an object whose `text` (or `rank_fields`) is ranked.
+Document = Annotated[
+    str | dict[str, Any],
+    PlainValidator(_document),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string"},
+                {
+                    "type": "object",
+                    "properties": {"text": {"type": "string"}},
+                    "additionalProperties": True,
+                },
+            ]
+        }
+    ),
+]
+
+# Counts and flags as sloppy clients send them: null = default, "3" = 3, "true" = true.
+TopN = Annotated[
+    int | None,
+    Field(
+        None,
+        ge=0,
+        description="How many results to return; null, 0 or missing = all; more than the "
+        "documents = all.",
+    ),
+]
+ReturnDocuments = Annotated[
+    bool | None,
+    Field(
+        None,
+        description='Add `document: {"text": ...}` to each result ("true"/"false" strings ok).',
+    ),
+]
+RankFields = Annotated[
+    list[str] | None,
+    Field(
+        None,
+        description='Keys of object documents to rank on (default ["text"]); several are '
+        'ranked as "key: value" lines.',
+    ),
+]
+ModelName = Annotated[
+    str | None,
+    Field(None, description="Any name by default; the answer names the model that served it."),
+]
 
 SPEC_EXAMPLE: dict[str, Any] = {
     "query": "What is the capital of France?",
@@ -20,19 +92,49 @@ SPEC_EXAMPLE: dict[str, Any] = {
 class RerankRequest(BaseModel):
     """`POST /rerank`: a query and the passages to order."""
 
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [SPEC_EXAMPLE]})
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [SPEC_EXAMPLE],
+            "anyOf": [{"required": ["top_k"]}, {"required": ["top_n"]}],
+        },
+    )
 
     query: StrictStr = Field(..., min_length=1, description="The search query (not empty).")
-    documents: list[StrictStr] = Field(
-        ..., description="Passages to rerank. An empty list returns no results."
+    documents: list[Document] = Field(
+        ...,
+        description="Passages to rerank: strings, or objects with `text`. An empty list returns "
+        "no results.",
     )
-    top_k: StrictInt = Field(..., ge=1, description="How many results to return (>= 1).")
+    top_k: StrictInt | None = Field(
+        None,
+        ge=1,
+        description="How many results to return (>= 1). Required unless `top_n` is given; "
+        "null = all.",
+    )
+    top_n: TopN
+    model: ModelName
+    rank_fields: RankFields
+    return_documents: ReturnDocuments
 
 
 class RerankResult(BaseModel):
     index: int = Field(..., description="The document's position in the request.")
     text: str
     score: float = Field(..., ge=0.0, le=1.0)
+    relevance_score: float = Field(
+        ..., ge=0.0, le=1.0, description="The same score, for Cohere-style clients."
+    )
+    document: dict[str, Any] | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="The document as sent (only with return_documents).",
+    )
+
+
+class Usage(BaseModel):
+    documents: int = Field(..., description="Documents ranked.")
+    search_units: int = Field(..., description="Cohere's unit: one per 100 documents (min 1).")
 
 
 class StageInfo(BaseModel):
@@ -52,6 +154,9 @@ class RerankResponse(BaseModel):
         None, description="Why the GPU was not used: no_gpu, low_vram, cooldown, oom, cuda_error."
     )
     stages: list[StageInfo] = Field(default_factory=list, description="Stages that ran, in order.")
+    id: str = Field(..., description="A new id per answer.")
+    model: str = Field(..., description="The model that produced the final order.")
+    usage: Usage
 
 
 class HealthResponse(BaseModel):
@@ -67,3 +172,9 @@ class ErrorResponse(BaseModel):
     error_type: str = Field(..., description="Stable machine-readable kind.")
     field: str | None = None
     detail: str = Field(..., description="The same message (Jina-style clients read `detail`).")
+
+
+# The error statuses every rerank route may answer, for the OpenAPI docs.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 429, 500, 503)
+}

@@ -70,6 +70,16 @@ class Engine:
         backend: Backend = "gpu" if scores is not None and fallback is None else "cpu"
         return RerankOutcome(results=results, backend=backend, stages=stages, fallback=fallback)
 
+    def rerank_many(
+        self, jobs: Sequence[tuple[str, Sequence[str], int]]
+    ) -> list[RerankOutcome]:
+        """`rerank` for several (query, documents, top_k) in one call, answered in order.
+
+        The HTTP batch route runs this as one unit of work in the pool, so a batch takes one queue
+        slot and one worker instead of competing with itself.
+        """
+        return [self.rerank(query, documents, top_k) for query, documents, top_k in jobs]
+
     def _stage2(
         self, query: str, texts: list[str], stages: list[StageReport]
     ) -> tuple[list[float] | None, FallbackReason | None]:

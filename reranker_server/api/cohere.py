@@ -1,0 +1,154 @@
+"""Cohere's dialect: `POST /v1/rerank` and `POST /v2/rerank`.
+
+What the cohere SDK's `Client` (v1) and `ClientV2` send, and what Jina-style clients (Open WebUI,
+Dify, RAGFlow) send to `/v1/rerank`. Read leniently: unknown fields are ignored, null means the
+default, `top_n` null/0/too large means all documents, booleans may be strings.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+from ..engine.cascade import Engine
+from ..engine.pool import InferencePool
+from ..settings import Settings
+from ..types import RerankOutcome
+from .auth import API_KEY_REQUIRED
+from .deps import EngineDep, PoolDep, SettingsDep
+from .ranking import (
+    RankJob,
+    check_model,
+    document_texts,
+    new_id,
+    rank,
+    result_count,
+    returned_document,
+    search_units,
+    served_model,
+)
+from .schemas import ERROR_RESPONSES, Document, ModelName, RankFields, ReturnDocuments, TopN, Usage
+
+router = APIRouter(tags=["cohere"], dependencies=API_KEY_REQUIRED)
+
+COHERE_EXAMPLE: dict[str, Any] = {
+    "model": "rerank-v3.5",
+    "query": "What is the capital of France?",
+    "documents": [
+        "Paris is the capital and most populous city of France.",
+        "Berlin is the capital of Germany.",
+    ],
+    "top_n": 1,
+}
+
+
+class CohereRerankRequest(BaseModel):
+    """Cohere's rerank body (v1 and v2; both accept strings or objects as documents)."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [COHERE_EXAMPLE]})
+
+    model: ModelName
+    query: StrictStr = Field(..., min_length=1, description="The search query (not empty).")
+    documents: list[Document] = Field(..., description="Strings, or objects with `text`.")
+    top_n: TopN
+    rank_fields: RankFields
+    return_documents: ReturnDocuments
+    max_chunks_per_doc: int | None = Field(None, description="Accepted and ignored.")
+    max_tokens_per_doc: int | None = Field(
+        None, description="Accepted; pairs are truncated to the server's max_length tokens."
+    )
+    priority: int | None = Field(None, description="Accepted and ignored.")
+
+
+class CohereResult(BaseModel):
+    index: int = Field(..., description="The document's position in the request.")
+    relevance_score: float = Field(..., ge=0.0, le=1.0)
+    document: dict[str, Any] | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="Only with return_documents: `{text}` for a string, an object as sent.",
+    )
+
+
+class ApiVersion(BaseModel):
+    version: Literal["1", "2"]
+
+
+class BilledUnits(BaseModel):
+    search_units: int
+
+
+class CohereMeta(BaseModel):
+    api_version: ApiVersion
+    billed_units: BilledUnits
+
+
+class CohereRerankResponse(BaseModel):
+    """Results best first, exactly `min(top_n, len(documents))` of them."""
+
+    id: str
+    model: str = Field(..., description="The model that produced the final order.")
+    results: list[CohereResult]
+    meta: CohereMeta
+    usage: Usage
+
+
+@router.post("/v1/rerank", response_model=CohereRerankResponse, responses=ERROR_RESPONSES)
+async def rerank_v1(
+    body: CohereRerankRequest, engine: EngineDep, pool: PoolDep, settings: SettingsDep
+) -> CohereRerankResponse:
+    """Cohere v1 rerank (cohere `Client`, mem0, RAGFlow, Jina-style clients)."""
+    return await answer_cohere(body, "1", engine, pool, settings)
+
+
+@router.post("/v2/rerank", response_model=CohereRerankResponse, responses=ERROR_RESPONSES)
+async def rerank_v2(
+    body: CohereRerankRequest, engine: EngineDep, pool: PoolDep, settings: SettingsDep
+) -> CohereRerankResponse:
+    """Cohere v2 rerank (cohere `ClientV2`, langchain-cohere, llama-index, Haystack)."""
+    return await answer_cohere(body, "2", engine, pool, settings)
+
+
+async def answer_cohere(
+    body: CohereRerankRequest,
+    version: Literal["1", "2"],
+    engine: Engine,
+    pool: InferencePool,
+    settings: Settings,
+) -> CohereRerankResponse:
+    check_model(body.model, engine, settings)
+    texts = document_texts(body.documents, body.rank_fields)
+    outcome = await rank(
+        RankJob(body.query, texts, result_count(body.top_n, len(texts))), engine, pool, settings
+    )
+    return to_cohere(outcome, body, version, engine)
+
+
+def to_cohere(
+    outcome: RerankOutcome,
+    body: CohereRerankRequest,
+    version: Literal["1", "2"],
+    engine: Engine,
+) -> CohereRerankResponse:
+    count = len(body.documents)
+    return CohereRerankResponse(
+        id=new_id(),
+        model=served_model(outcome, engine),
+        results=[
+            CohereResult(
+                index=r.index,
+                relevance_score=r.score,
+                document=returned_document(body.documents[r.index])
+                if body.return_documents
+                else None,
+            )
+            for r in outcome.results
+        ],
+        meta=CohereMeta(
+            api_version=ApiVersion(version=version),
+            billed_units=BilledUnits(search_units=search_units(count)),
+        ),
+        usage=Usage(documents=count, search_units=search_units(count)),
+    )

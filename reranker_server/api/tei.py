@@ -1,0 +1,63 @@
+"""The TEI dialect (HF text-embeddings-inference): `POST /rerank {query, texts}` -> a bare list.
+
+Served by the `/rerank` route (see api/native.py), which reads a body with `texts` as this shape.
+TEI answers every text, best first; `raw_scores` gives the logit behind each score.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+from ..engine.cascade import Engine
+from ..engine.pool import InferencePool
+from ..settings import Settings
+from .ranking import RankJob, check_model, logit, rank
+from .schemas import ModelName
+
+TEI_EXAMPLE: dict[str, Any] = {
+    "query": "What is the capital of France?",
+    "texts": ["Berlin is the capital of Germany.", "Paris is the capital of France."],
+    "return_text": True,
+}
+
+
+class TeiRerankRequest(BaseModel):
+    """TEI's rerank body: every text comes back, best first."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [TEI_EXAMPLE]})
+
+    query: StrictStr = Field(..., min_length=1, description="The search query (not empty).")
+    texts: list[StrictStr] = Field(..., description="Passages to rerank.")
+    raw_scores: bool | None = Field(
+        None, description="Scores as raw logits instead of sigmoid scores in [0, 1]."
+    )
+    return_text: bool | None = Field(None, description="Add each text to its result.")
+    truncate: bool | None = Field(
+        None, description="Accepted; pairs are always truncated to max_length tokens."
+    )
+    truncation_direction: str | None = Field(None, description="Accepted and ignored.")
+    model: ModelName
+
+
+class TeiRank(BaseModel):
+    index: int = Field(..., description="The text's position in the request.")
+    score: float = Field(..., description="In [0, 1], or a logit with raw_scores.")
+    text: str | None = Field(None, exclude_if=lambda v: v is None)
+
+
+async def answer_tei(
+    body: TeiRerankRequest, engine: Engine, pool: InferencePool, settings: Settings
+) -> list[TeiRank]:
+    check_model(body.model, engine, settings)
+    job = RankJob(body.query, body.texts, len(body.texts), documents_field="texts")
+    outcome = await rank(job, engine, pool, settings)
+    return [
+        TeiRank(
+            index=r.index,
+            score=logit(r.score) if body.raw_scores else r.score,
+            text=r.text if body.return_text else None,
+        )
+        for r in outcome.results
+    ]
