@@ -33,7 +33,11 @@ def to_native(outcome: RerankOutcome) -> RerankResponse:
         fallback=outcome.fallback,
         stages=[
             StageInfo(
-                name=s.name, device=s.device, documents=s.documents, seconds=round(s.seconds, 6)
+                name=s.name,
+                device=s.device,
+                documents=s.documents,
+                seconds=round(s.seconds, 6),
+                cached=s.cached,
             )
             for s in outcome.stages
         ],
