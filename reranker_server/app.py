@@ -106,7 +106,7 @@ def create_app(
     app.add_middleware(  # outermost: sees every answer, the guard's 413/415 included
         RequestTelemetry,
         metrics=app.state.metrics,
-        router=app.router,
+        routes=app.router.routes,
         log_payloads=settings.log_payloads,
     )
     return app

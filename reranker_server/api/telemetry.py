@@ -18,9 +18,10 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
-from starlette.routing import Match, Router
+from starlette.routing import BaseRoute, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..engine.trace import RequestTrace, current_trace
@@ -61,14 +62,40 @@ def server_timing(trace: RequestTrace) -> str:
     return ", ".join(parts)
 
 
+def _dialect(endpoint: object) -> str:
+    """The api module that owns an endpoint ("native", "health", ...), else "other"."""
+    module = getattr(endpoint, "__module__", "") or ""
+    return module.rsplit(".", 1)[-1] if module.startswith("reranker_server.api.") else "other"
+
+
+def _route_table(
+    routes: list[BaseRoute], prefix: str = ""
+) -> Iterator[tuple[re.Pattern[str], str, str]]:
+    """(path regex, route template, dialect) of every endpoint, included routers flattened."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)  # FastAPI's included routers
+        if inner is not None:
+            context = getattr(route, "include_context", None)
+            yield from _route_table(inner.routes, prefix + getattr(context, "prefix", ""))
+        elif isinstance(getattr(route, "path", None), str) and hasattr(route, "endpoint"):
+            template = prefix + route.path  # type: ignore[attr-defined]
+            regex, _, _ = compile_path(template)
+            yield regex, template, _dialect(route.endpoint)
+
+
 class RequestTelemetry:
     def __init__(
-        self, app: ASGIApp, metrics: Metrics, router: Router, log_payloads: bool = False
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        routes: list[BaseRoute],
+        log_payloads: bool = False,
     ) -> None:
         self.app = app
         self.metrics = metrics
-        self.router = router
+        self.routes = routes
         self.log_payloads = log_payloads
+        self._table: list[tuple[re.Pattern[str], str, str]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -107,19 +134,16 @@ class RequestTelemetry:
     def _route(self, scope: Scope) -> tuple[str, str]:
         """Route template and dialect (the api module that owns the route); bounded values."""
         route = scope.get("route")
-        if route is None:  # answered before routing (413, 415): find the route it was for
-            for candidate in self.router.routes:
-                match, _ = candidate.matches(scope)
-                if match is not Match.NONE:
-                    route = candidate
-                    break
-        if route is None:
-            return "unmatched", "none"
-        path = getattr(route, "path", "unmatched")
-        module = getattr(getattr(route, "endpoint", None), "__module__", "") or ""
-        in_api = module.startswith("reranker_server.api.")
-        dialect = module.rsplit(".", 1)[-1] if in_api else "other"
-        return path, dialect
+        if route is not None and hasattr(route, "path"):
+            return route.path, _dialect(getattr(route, "endpoint", None))
+        # Answered before routing (the guard's 413 / 415): find the route it was meant for.
+        if self._table is None:
+            self._table = list(_route_table(self.routes))
+        path = scope.get("path", "")
+        for regex, template, dialect in self._table:
+            if regex.match(path):
+                return template, dialect
+        return "unmatched", "none"
 
     def _log(
         self,
