@@ -29,9 +29,7 @@ DOCS = [
 
 def keyword_engine(cache: MemoryScoreCache | None) -> tuple[Engine, KeywordRunner, KeywordRunner]:
     stage1, stage2 = KeywordRunner("kw1"), KeywordRunner("kw2", weight=lambda d: 1 / (1 + len(d)))
-    engine = Engine(
-        stage1, gate=GpuGate(None, 0, 0), stage2_cpu=stage2, candidates=3, cache=cache
-    )
+    engine = Engine(stage1, gate=GpuGate(None, 0, 0), stage2_cpu=stage2, candidates=3, cache=cache)
     return engine, stage1, stage2
 
 
@@ -136,7 +134,7 @@ def test_use_cache_false_neither_reads_nor_writes() -> None:
 def test_stage_namespaces_are_separate() -> None:
     """The same (query, document) pair scored by stage 1 must not answer stage 2."""
     cache = MemoryScoreCache(1 << 20)
-    engine, _, stage2 = keyword_engine(cache)
+    engine, _, _ = keyword_engine(cache)
     engine.rerank(QUERY, DOCS[:3], top_k=3)
     assert cache.stats()["entries"] == 6  # 3 pairs x 2 stages
     outcome = engine.rerank(QUERY, DOCS[:3], top_k=3)
@@ -158,7 +156,9 @@ def cached_and_fresh(
     )
 
 
-def test_real_models_cached_scores_equal_fresh_ones(cached_and_fresh: tuple[Engine, Engine]) -> None:
+def test_real_models_cached_scores_equal_fresh_ones(
+    cached_and_fresh: tuple[Engine, Engine],
+) -> None:
     cached, fresh = cached_and_fresh
     first = cached.rerank(QUERY, DOCS, top_k=4)
     again = cached.rerank(QUERY, DOCS, top_k=4)
