@@ -20,7 +20,7 @@ def __getattr__(name: str) -> Any:
         from .settings import Settings
 
         settings = Settings()
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format)
         application = create_app(settings)
         globals()["app"] = application
         return application

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import traceback
 from collections.abc import Callable
 
@@ -12,12 +13,15 @@ from starlette.types import Receive, Scope, Send
 
 from . import __version__
 from .api import batch, cohere, health, native
+from .api import metrics as metrics_route
 from .api.errors import install_error_handlers
 from .api.guard import RequestGuard
+from .api.telemetry import RequestTelemetry
 from .devices import cuda_runtime_available
 from .engine.cascade import Engine
 from .engine.pool import InferencePool
 from .errors import ModelLoadError
+from .metrics import Metrics, StateCollector
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -42,6 +46,8 @@ class RerankerApp(FastAPI):
         self._engine_factory = engine_factory
         self.state.settings = settings
         self.state.engine = None
+        self.state.metrics = Metrics()  # a registry per app: apps in one process never collide
+        self.state.metrics.registry.register(StateCollector(lambda: self.state))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -70,7 +76,9 @@ class RerankerApp(FastAPI):
         self.state.pool = InferencePool(
             self.settings.workers, self.settings.max_queue, self.settings.request_timeout_s
         )
+        started = time.perf_counter()
         self.state.engine = await asyncio.to_thread(self._engine_factory, self.settings)
+        self.state.model_load_seconds = time.perf_counter() - started
         if self.settings.required_api_key() is not None:
             logger.info("API key required on rerank routes (Authorization: Bearer)")
 
@@ -97,5 +105,12 @@ def create_app(
     app.include_router(batch.router)
     app.include_router(cohere.router)
     app.include_router(health.router)
+    app.include_router(metrics_route.router)
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(  # outermost: sees every answer, the guard's 413/415 included
+        RequestTelemetry,
+        metrics=app.state.metrics,
+        routes=app.router.routes,
+        log_payloads=settings.log_payloads,
+    )
     return app

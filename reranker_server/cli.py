@@ -21,11 +21,16 @@ from .settings import Settings
 logger = logging.getLogger(__name__)
 
 
-def configure_logging(level: str) -> None:
-    """Plain log lines on stderr, unless the host program already configured logging."""
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Log lines on stderr, JSON or plain text, unless the host program already configured
+    logging (then its handlers decide the format)."""
+    from .log_format import JsonFormatter, TextFormatter
+
     root = logging.getLogger()
     if not root.handlers:
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+        root.addHandler(handler)
     logging.getLogger("reranker_server").setLevel(level.upper())
 
 
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             where = ".".join(str(p) for p in error["loc"])
             print(f"reranker-server: invalid setting {where}: {error['msg']}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     if args.command == "download":
         return _download(settings)
     return _serve(settings)
@@ -114,6 +119,8 @@ def _serve(settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's lines go through our handler (JSON or text)
+        access_log=False,  # the app logs each request itself (api/telemetry.py)
         timeout_graceful_shutdown=30,
     )
     return 0

@@ -132,9 +132,34 @@ class Settings(BaseSettings):
     )
     warmup: bool = Field(True, description="Run one pair through each model at startup.")
 
+    # --- score cache
+    cache_enabled: bool = Field(
+        True, description="Cache scores per (model, query, document) pair (off: no cache)."
+    )
+    cache_size_mb: float = Field(
+        64.0, gt=0, description="Memory bound of the in-process score cache, in MiB."
+    )
+    cache_ttl_s: float = Field(
+        3600.0, ge=0, description="Seconds a cached score lives (0 = until evicted)."
+    )
+    cache_url: str | None = Field(
+        None,
+        description="redis://host:port/db to share the cache between replicas (unset: in-process "
+        "cache). Redis being down means no cache, never a failed request.",
+    )
+    cache_timeout_s: float = Field(
+        0.5, gt=0, description="Redis connect/read timeout; after a failure Redis rests 5 s."
+    )
+
     # --- logging
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         "info", description="debug, info, warning, error or critical."
+    )
+    log_format: Literal["json", "text"] = Field(
+        "json", description="json: one JSON object per line; text: plain lines for a terminal."
+    )
+    log_payloads: bool = Field(
+        False, description="Debug: put query and document text in request logs (off: never)."
     )
 
     @field_validator("device")
@@ -147,7 +172,16 @@ class Settings(BaseSettings):
             return value
         raise ValueError("device must be auto, cpu, cuda or cuda:N")
 
-    @field_validator("log_level", mode="before")
+    @field_validator("cache_url")
+    @classmethod
+    def _check_cache_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("cache_url must start with redis://, rediss:// or unix://")
+        return value.strip()
+
+    @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lower_log_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value

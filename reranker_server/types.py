@@ -26,6 +26,13 @@ class StageReport:
     device: str  # "cpu" | "cuda:0" ...
     documents: int
     seconds: float
+    stage: str = ""  # "stage1" | "stage2"
+    cached: int | None = None  # documents answered from the score cache; None: cache not used
+
+    @property
+    def computed(self) -> int:
+        """Documents the model scored."""
+        return self.documents - (self.cached or 0)
 
 
 @dataclass(frozen=True)
@@ -36,3 +43,13 @@ class RerankOutcome:
     backend: Backend
     stages: list[StageReport] = field(default_factory=list)
     fallback: FallbackReason | None = None
+    documents: int = 0  # documents in the request
+    tokens: int = 0  # tokens the stage-1 model processed (cache hits cost none)
+
+    @property
+    def cache_hits(self) -> int:
+        return sum(s.cached or 0 for s in self.stages)
+
+    @property
+    def cache_misses(self) -> int:
+        return sum(s.documents - s.cached for s in self.stages if s.cached is not None)

@@ -132,7 +132,11 @@ def to_native(outcome: RerankOutcome, engine: Engine, body: RerankRequest) -> Re
         fallback=outcome.fallback,
         stages=[
             StageInfo(
-                name=s.name, device=s.device, documents=s.documents, seconds=round(s.seconds, 6)
+                name=s.name,
+                device=s.device,
+                documents=s.documents,
+                seconds=round(s.seconds, 6),
+                cached=s.cached,
             )
             for s in outcome.stages
         ],

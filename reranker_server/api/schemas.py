@@ -142,6 +142,9 @@ class StageInfo(BaseModel):
     device: str = Field(..., description="cpu, cuda:0, ...")
     documents: int
     seconds: float
+    cached: int | None = Field(
+        None, description="Documents whose score came from the cache (null: cache not used)."
+    )
 
 
 class RerankResponse(BaseModel):

@@ -2,6 +2,9 @@
 
 Synchronous and HTTP-free: a test, the CLI or a notebook can drive it directly. The HTTP layer runs
 it in a worker thread through `engine.pool.InferencePool`.
+
+With a score cache (engine/cache.py) each stage looks its pairs up first and sends only the missing
+ones to its model; stage 1 and stage 2 (per device) are separate cache namespaces.
 """
 
 from __future__ import annotations
@@ -9,12 +12,16 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from ..devices import GpuGate
 from ..errors import InferenceError
 from ..runners.base import Runner
 from ..types import Backend, FallbackReason, RerankOutcome, ScoredDocument, StageReport
+from .cache import ScoreCache, namespace, pair_keys
+from .trace import current_trace
+
+TokenCounter = Callable[[str, Sequence[str]], int]
 
 logger = logging.getLogger(__name__)
 
@@ -44,23 +51,59 @@ class Engine:
         stage2_gpu: Runner | None = None,
         stage2_cpu: Runner | None = None,
         candidates: int = 10,
+        cache: ScoreCache | None = None,
+        cache_namespaces: Mapping[str, str] | None = None,
+        count_tokens: TokenCounter | None = None,
     ) -> None:
+        """`cache`: score cache (None: none). `cache_namespaces`: "stage1", "stage2_gpu",
+        "stage2_cpu" -> namespace naming the model identity and its settings (the loader passes
+        file fingerprints; by default the runner's name and device). `count_tokens(query, docs)`:
+        tokens of the pairs stage 1 scores, for metrics and logs (None: not counted)."""
         self.stage1 = stage1
         self.stage2_gpu = stage2_gpu
         self.stage2_cpu = stage2_cpu
         self.gate = gate
         self.candidates = candidates
+        self.cache = cache
+        self._count_tokens = count_tokens
+        self._namespaces = {
+            role: namespace(role, runner.name, runner.device)
+            for role, runner in (
+                ("stage1", stage1),
+                ("stage2_gpu", stage2_gpu),
+                ("stage2_cpu", stage2_cpu),
+            )
+            if runner is not None
+        }
+        self._namespaces.update(cache_namespaces or {})
 
-    def rerank(self, query: str, documents: Sequence[str], top_k: int) -> RerankOutcome:
-        """Best `min(top_k, len(documents))` documents, best first."""
+    def rerank(
+        self, query: str, documents: Sequence[str], top_k: int, *, use_cache: bool = True
+    ) -> RerankOutcome:
+        """Best `min(top_k, len(documents))` documents, best first.
+
+        `use_cache=False` (or a request trace that opted out) neither reads nor writes the cache.
+        """
+        trace = current_trace.get()
+        if trace is not None:
+            use_cache = use_cache and trace.use_cache
+            trace.top_k, trace.query, trace.documents = top_k, query, documents
+        outcome = self._rerank(query, documents, top_k, use_cache and self.cache is not None)
+        if trace is not None:
+            trace.outcomes.append(outcome)
+        return outcome
+
+    def _rerank(
+        self, query: str, documents: Sequence[str], top_k: int, use_cache: bool
+    ) -> RerankOutcome:
         if not documents:
             return RerankOutcome(results=[], backend="cpu")
-        first, report = self._run(self.stage1, query, documents)
+        first, report, tokens = self._run(self.stage1, "stage1", query, documents, use_cache)
         stages = [report]
 
         keep = _rank(first)[: max(self.candidates, top_k)]
         texts = [documents[i] for i in keep]
-        scores, fallback = self._stage2(query, texts, stages)
+        scores, fallback = self._stage2(query, texts, stages, use_cache)
         if scores is None:  # stage 1's order is the answer
             order, by_index = keep, {i: first[i] for i in keep}
         else:
@@ -68,7 +111,14 @@ class Engine:
 
         results = [ScoredDocument(i, documents[i], by_index[i]) for i in order[:top_k]]
         backend: Backend = "gpu" if scores is not None and fallback is None else "cpu"
-        return RerankOutcome(results=results, backend=backend, stages=stages, fallback=fallback)
+        return RerankOutcome(
+            results=results,
+            backend=backend,
+            stages=stages,
+            fallback=fallback,
+            documents=len(documents),
+            tokens=tokens,
+        )
 
     def rerank_many(
         self, jobs: Sequence[tuple[str, Sequence[str], int]]
@@ -81,7 +131,7 @@ class Engine:
         return [self.rerank(query, documents, top_k) for query, documents, top_k in jobs]
 
     def _stage2(
-        self, query: str, texts: list[str], stages: list[StageReport]
+        self, query: str, texts: list[str], stages: list[StageReport], use_cache: bool
     ) -> tuple[list[float] | None, FallbackReason | None]:
         """Scores from the GPU cross-encoder if usable, else from the CPU one if configured.
 
@@ -93,7 +143,9 @@ class Engine:
             fallback = self.gate.check(probe=lambda: gpu.score(PROBE_QUERY, [PROBE_DOCUMENT]))
             if fallback is None:
                 try:
-                    scores, report = self._run(self.stage2_gpu, query, texts)
+                    scores, report, _ = self._run(
+                        self.stage2_gpu, "stage2_gpu", query, texts, use_cache
+                    )
                     stages.append(report)
                     return scores, None
                 except InferenceError:
@@ -102,7 +154,7 @@ class Engine:
                     fallback = self._device_fault(exc)
         if self.stage2_cpu is None:
             return None, fallback
-        scores, report = self._run(self.stage2_cpu, query, texts)
+        scores, report, _ = self._run(self.stage2_cpu, "stage2_cpu", query, texts, use_cache)
         stages.append(report)
         return scores, fallback
 
@@ -116,9 +168,31 @@ class Engine:
         self.gate.record_failure(kind)
         return kind
 
-    @staticmethod
-    def _run(runner: Runner, query: str, texts: Sequence[str]) -> tuple[list[float], StageReport]:
+    def _run(
+        self, runner: Runner, role: str, query: str, texts: Sequence[str], use_cache: bool
+    ) -> tuple[list[float], StageReport, int]:
+        """Scores of `texts` (cached ones looked up, the rest from `runner`), the stage's report
+        and the tokens the model processed (stage 1 only, when counted)."""
         started = time.perf_counter()
-        scores = _checked(runner.score(query, texts), len(texts), runner)
-        report = StageReport(runner.name, runner.device, len(texts), time.perf_counter() - started)
-        return scores, report
+        keys: list[str] = []
+        found: list[float | None] = [None] * len(texts)
+        if use_cache and self.cache is not None:
+            keys = pair_keys(self._namespaces[role], query, texts)
+            found = self.cache.get_many(keys)
+        missing = [i for i, score in enumerate(found) if score is None]
+        tokens = 0
+        if missing:
+            todo = [texts[i] for i in missing]
+            fresh = _checked(runner.score(query, todo), len(todo), runner)
+            if role == "stage1" and self._count_tokens is not None:
+                tokens = self._count_tokens(query, todo)
+            if keys and self.cache is not None:
+                self.cache.set_many({keys[i]: s for i, s in zip(missing, fresh, strict=True)})
+            for i, score in zip(missing, fresh, strict=True):
+                found[i] = score
+        scores = [s for s in found if s is not None]
+        cached = len(texts) - len(missing) if keys else None
+        stage = "stage1" if role == "stage1" else "stage2"
+        seconds = time.perf_counter() - started
+        report = StageReport(runner.name, runner.device, len(texts), seconds, stage, cached)
+        return scores, report, tokens

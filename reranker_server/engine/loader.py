@@ -1,16 +1,19 @@
-"""Build an Engine from Settings: resolve model files, load runners, warm up."""
+"""Build an Engine from Settings: resolve model files, load runners, build the cache, warm up."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from ..devices import Accelerator, GpuGate, detect_accelerator
 from ..errors import ModelLoadError
 from ..model_store import stage1_files, stage2_path
 from ..runners.base import Runner
 from ..settings import Settings
+from .cache import MemoryScoreCache, RedisScoreCache, ScoreCache, namespace
 from .cascade import Engine
 
 logger = logging.getLogger(__name__)
@@ -59,12 +62,36 @@ def load_engine(
     else:
         logger.info("no usable GPU and stage2_on_cpu is off: answers come from stage 1")
 
+    cache = build_cache(settings)
+    namespaces: dict[str, str] = {}
+    if cache is not None:
+        stage1_id = f"{stage1.name}@{fingerprint(files.directory)}"
+        namespaces["stage1"] = namespace(
+            "stage1",
+            stage1_id,
+            stage1.device,
+            max_length=settings.max_length,
+            batch_tokens=settings.stage1_batch_tokens,
+        )
+        for role, runner in (("stage2_gpu", stage2_gpu), ("stage2_cpu", stage2_cpu)):
+            if runner is not None:
+                namespaces[role] = namespace(
+                    "stage2",
+                    f"{runner.name}@{fingerprint(Path(stage2_path(settings)))}",
+                    runner.device,
+                    max_length=settings.max_length,
+                    batch_size=settings.stage2_batch_size,
+                )
+
     engine = Engine(
         stage1,
         gate=gate,
         stage2_gpu=stage2_gpu,
         stage2_cpu=stage2_cpu,
         candidates=settings.candidates,
+        cache=cache,
+        cache_namespaces=namespaces,
+        count_tokens=lambda query, docs: sum(len(e.ids) for e in stage1.tokenize(query, docs)),
     )
     if settings.warmup:
         warm_up(engine)
@@ -75,6 +102,37 @@ def load_engine(
         stage2_gpu.device if stage2_gpu else ("cpu" if stage2_cpu else "off"),
     )
     return engine
+
+
+def build_cache(settings: Settings) -> ScoreCache | None:
+    """The score cache the settings ask for: None, Redis (cache_url) or in-process memory."""
+    if not settings.cache_enabled:
+        logger.info("score cache: off")
+        return None
+    if settings.cache_url:
+        redis_cache = RedisScoreCache(
+            settings.cache_url, ttl_s=settings.cache_ttl_s, timeout_s=settings.cache_timeout_s
+        )
+        redis_cache.get_many(["ping"])  # logs a warning now if Redis is unreachable
+        logger.info("score cache: Redis at %s", redis_cache.url)
+        return redis_cache
+    logger.info("score cache: in-process, %g MiB", settings.cache_size_mb)
+    return MemoryScoreCache(int(settings.cache_size_mb * 2**20), ttl_s=settings.cache_ttl_s)
+
+
+def fingerprint(path: Path) -> str:
+    """SHA-256 (16 hex digits) of the model files under `path`: names and contents, so replicas
+    with the same model share cache entries and a changed model never reads old ones."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        if any(part.startswith(".") for part in file.relative_to(path).parts):
+            continue  # .complete markers, .cache folders
+        digest.update(str(file.relative_to(path)).encode("utf-8") + b"\0")
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def _load_cross_encoder(path: str, settings: Settings, accelerator: Accelerator | None) -> Runner:

@@ -4,17 +4,23 @@
 more wait. Past that a request is refused at once with `OverloadedError` (HTTP 429 + Retry-After)
 instead of piling up memory; a request that waits plus runs longer than `timeout_s` gets
 `RequestTimeoutError` (HTTP 503 + Retry-After).
+
+The caller's context variables travel into the worker thread (so the engine sees the request's
+`RequestTrace`), and the time a job waited for a worker is recorded in that trace.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from ..errors import OverloadedError, RequestTimeoutError
+from .trace import current_trace
 
 T = TypeVar("T")
 
@@ -29,11 +35,22 @@ class InferencePool:
         self._workers = workers
         self._lock = threading.Lock()
         self._pending = 0
+        self._running = 0
 
     @property
     def pending(self) -> int:
         """Requests admitted and not finished (running + queued)."""
         return self._pending
+
+    @property
+    def running(self) -> int:
+        """Jobs running in a worker thread now."""
+        return self._running
+
+    @property
+    def queued(self) -> int:
+        """Jobs admitted and waiting for a worker."""
+        return max(0, self._pending - self._running)
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run `fn` in a worker thread; refuse when full, give up after the timeout."""
@@ -45,7 +62,22 @@ class InferencePool:
                     retry_after_s=self._retry_after(),
                 )
             self._pending += 1
-        future = self._executor.submit(fn)
+        submitted = time.perf_counter()
+        context = contextvars.copy_context()
+
+        def job() -> T:
+            trace = current_trace.get()
+            if trace is not None:
+                trace.queue_wait_s = time.perf_counter() - submitted
+            with self._lock:
+                self._running += 1
+            try:
+                return fn()
+            finally:
+                with self._lock:
+                    self._running -= 1
+
+        future = self._executor.submit(context.run, job)
         future.add_done_callback(self._release)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self._timeout_s)

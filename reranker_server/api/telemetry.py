@@ -1,0 +1,197 @@
+"""ASGI middleware: request id, timing headers, Prometheus metrics and one log line per request.
+
+- `X-Request-ID`: a sane incoming value is kept, else one is generated; either way it is echoed.
+- `X-Process-Time` (seconds to the response head) and `Server-Timing` (queue wait and each stage,
+  in ms) on every response.
+- Cache opt-out per request: `Cache-Control: no-cache` / `no-store` or `X-Reranker-Cache: off`.
+- One log record per request on the `reranker_server.access` logger (health and metrics routes at
+  DEBUG, the rest at INFO) with the route, status, documents, tokens, top_k, backend, stage
+  timings, cache hits and the client address. Query and document text only with `log_payloads`.
+
+It works for every dialect without their help: the route's outcome arrives through the request's
+`RequestTrace` (engine/trace.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from starlette.routing import BaseRoute, compile_path
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..engine.trace import RequestTrace, current_trace
+from ..metrics import Metrics
+
+access_logger = logging.getLogger("reranker_server.access")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
+_QUIET_DIALECTS = ("health", "metrics")
+_CACHE_OFF = ("off", "false", "0", "no", "bypass")
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def cache_wanted(headers: dict[str, str]) -> bool:
+    """False when the client opted out of the score cache for this request."""
+    if headers.get("x-reranker-cache", "").strip().lower() in _CACHE_OFF:
+        return False
+    directives = {d.strip().lower() for d in headers.get("cache-control", "").split(",")}
+    return not directives & {"no-cache", "no-store"}
+
+
+def request_id(headers: dict[str, str]) -> str:
+    incoming = headers.get("x-request-id", "").strip()
+    return incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+
+
+def server_timing(trace: RequestTrace) -> str:
+    """`Server-Timing` value: queue wait and each stage, in milliseconds."""
+    parts = []
+    if trace.queue_wait_s is not None:
+        parts.append(f"queue;dur={trace.queue_wait_s * 1000:.2f}")
+    for outcome in trace.outcomes:
+        for stage in outcome.stages:
+            parts.append(f"{stage.stage};dur={stage.seconds * 1000:.2f}")
+    return ", ".join(parts)
+
+
+def _dialect(endpoint: object) -> str:
+    """The api module that owns an endpoint ("native", "health", ...), else "other"."""
+    module = getattr(endpoint, "__module__", "") or ""
+    return module.rsplit(".", 1)[-1] if module.startswith("reranker_server.api.") else "other"
+
+
+def _route_table(
+    routes: list[BaseRoute], prefix: str = ""
+) -> Iterator[tuple[re.Pattern[str], str, str]]:
+    """(path regex, route template, dialect) of every endpoint, included routers flattened."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)  # FastAPI's included routers
+        if inner is not None:
+            context = getattr(route, "include_context", None)
+            yield from _route_table(inner.routes, prefix + getattr(context, "prefix", ""))
+        elif isinstance(getattr(route, "path", None), str) and hasattr(route, "endpoint"):
+            template = prefix + route.path  # type: ignore[attr-defined]
+            regex, _, _ = compile_path(template)
+            yield regex, template, _dialect(route.endpoint)
+
+
+class RequestTelemetry:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        routes: list[BaseRoute],
+        log_payloads: bool = False,
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
+        self.log_payloads = log_payloads
+        self._table: list[tuple[re.Pattern[str], str, str]] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = _headers(scope)
+        rid = request_id(headers)
+        trace = RequestTrace(use_cache=cache_wanted(headers))
+        token = current_trace.set(trace)
+        status = 500
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                extra = [
+                    (b"x-request-id", rid.encode("latin-1")),
+                    (b"x-process-time", f"{time.perf_counter() - started:.6f}".encode()),
+                ]
+                timing = server_timing(trace)
+                if timing:
+                    extra.append((b"server-timing", timing.encode("latin-1")))
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            current_trace.reset(token)
+            seconds = time.perf_counter() - started
+            route, dialect = self._route(scope)
+            self.metrics.observe_request(route, dialect, status, seconds, trace)
+            self._log(scope, rid, route, dialect, status, seconds, trace)
+
+    def _route(self, scope: Scope) -> tuple[str, str]:
+        """Route template and dialect (the api module that owns the route); bounded values."""
+        route = scope.get("route")
+        if route is not None and hasattr(route, "path"):
+            return route.path, _dialect(getattr(route, "endpoint", None))
+        # Answered before routing (the guard's 413 / 415): find the route it was meant for.
+        if self._table is None:
+            self._table = list(_route_table(self.routes))
+        path = scope.get("path", "")
+        for regex, template, dialect in self._table:
+            if regex.match(path):
+                return template, dialect
+        return "unmatched", "none"
+
+    def _log(
+        self,
+        scope: Scope,
+        rid: str,
+        route: str,
+        dialect: str,
+        status: int,
+        seconds: float,
+        trace: RequestTrace,
+    ) -> None:
+        level = logging.DEBUG if dialect in _QUIET_DIALECTS else logging.INFO
+        if not access_logger.isEnabledFor(level):
+            return
+        client = scope.get("client")
+        fields: dict[str, Any] = {
+            "request_id": rid,
+            "method": scope["method"],
+            "route": route,
+            "dialect": dialect,
+            "status": status,
+            "duration_ms": round(seconds * 1000, 3),
+            "client": client[0] if client else None,
+        }
+        if trace.queue_wait_s is not None:
+            fields["queue_wait_ms"] = round(trace.queue_wait_s * 1000, 3)
+        if trace.outcomes:
+            outcomes = trace.outcomes
+            fields.update(
+                documents=sum(o.documents for o in outcomes),
+                tokens=sum(o.tokens for o in outcomes),
+                top_k=trace.top_k,
+                backend=outcomes[-1].backend,
+                fallback=outcomes[-1].fallback,
+                stages_ms={s.stage: round(s.seconds * 1000, 3) for o in outcomes for s in o.stages},
+                cache="on" if trace.use_cache else "off",
+                cache_hits=sum(o.cache_hits for o in outcomes),
+                cache_misses=sum(o.cache_misses for o in outcomes),
+            )
+            if self.log_payloads:
+                fields["query"] = trace.query
+                fields["document_texts"] = list(trace.documents)
+        access_logger.log(
+            level,
+            "%s %s %d %.1f ms",
+            scope["method"],
+            route,
+            status,
+            seconds * 1000,
+            extra={"fields": fields},
+        )

@@ -1,0 +1,55 @@
+"""Log formatters for the entry point (cli.configure_logging): JSON lines or plain text.
+
+A record may carry structured fields in `extra={"fields": {...}}` (the request log does); JSON puts
+them at the top level of the line, text appends them as `key=value`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, message, the record's fields, exc."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, tz=UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update(fields)
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """The usual text line, then `key=value` for each structured field."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        fields = getattr(record, "fields", None)
+        if not isinstance(fields, dict) or not fields:
+            return text
+        pairs = " ".join(
+            f"{key}={json.dumps(value, default=str, ensure_ascii=False)}"
+            if not isinstance(value, (int, float))
+            else f"{key}={value}"
+            for key, value in fields.items()
+            if value is not None
+        )
+        return f"{text} {pairs}"

@@ -1,0 +1,207 @@
+"""Prometheus metrics, one `CollectorRegistry` per app (so several apps in one process, as in
+tests, never collide). Names are `reranker_<thing>_<unit>`; every label has a bounded set of
+values (routes are route templates, devices and stages come from the loaded models).
+
+Counters and histograms are updated per request by the HTTP middleware (`observe_request`);
+gauges that describe the present (queue, GPU memory, cache size and health, model-load time) are
+read at scrape time by `StateCollector`, so nothing has to keep them up to date.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .engine.trace import RequestTrace
+
+# 0.5 ms .. 60 s: a cache hit is sub-millisecond, 1,000 long passages on a CPU take seconds.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+COUNT_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+TOKEN_BUCKETS = (0, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
+
+
+class Metrics:
+    """The app's metrics and its registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "reranker_requests_total",
+            "HTTP requests by route template, dialect and status code.",
+            ["route", "dialect", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "reranker_request_duration_seconds",
+            "Time from request start to response end.",
+            ["route", "dialect"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "reranker_stage_duration_seconds",
+            "Time per stage of a rerank: queue_wait (for a worker), stage1 and stage2 (cache "
+            "lookup + tokenization + inference of the pairs not cached).",
+            ["stage", "device"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.documents = Histogram(
+            "reranker_request_documents",
+            "Documents per rerank request.",
+            buckets=COUNT_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Histogram(
+            "reranker_request_tokens",
+            "Tokens the stage-1 model processed per request (cache hits cost none).",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.batch_pairs = Histogram(
+            "reranker_batch_size_pairs",
+            "Pairs one stage sent to its model in a request (after the cache).",
+            ["stage", "device"],
+            buckets=COUNT_BUCKETS,
+            registry=r,
+        )
+        self.backend = Counter(
+            "reranker_backend_requests_total",
+            "Rerank answers by what produced the final order (gpu or cpu).",
+            ["backend"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "reranker_gpu_fallbacks_total",
+            "Requests a loaded GPU model did not answer, by reason "
+            "(oom, cuda_error, low_vram, cooldown).",
+            ["reason"],
+            registry=r,
+        )
+        self.cache_hits = Counter(
+            "reranker_cache_hits_total", "Pair scores found in the cache.", ["stage"], registry=r
+        )
+        self.cache_misses = Counter(
+            "reranker_cache_misses_total",
+            "Pair scores not in the cache (computed).",
+            ["stage"],
+            registry=r,
+        )
+
+    def observe_request(
+        self, route: str, dialect: str, status: int, seconds: float, trace: RequestTrace
+    ) -> None:
+        self.requests.labels(route, dialect, str(status)).inc()
+        self.request_seconds.labels(route, dialect).observe(seconds)
+        if trace.queue_wait_s is not None:
+            self.stage_seconds.labels("queue_wait", "none").observe(trace.queue_wait_s)
+        for outcome in trace.outcomes:
+            self.documents.observe(outcome.documents)
+            self.tokens.observe(outcome.tokens)
+            self.backend.labels(outcome.backend).inc()
+            if outcome.fallback is not None and outcome.fallback != "no_gpu":
+                self.fallbacks.labels(outcome.fallback).inc()
+            for stage in outcome.stages:
+                self.stage_seconds.labels(stage.stage, stage.device).observe(stage.seconds)
+                self.batch_pairs.labels(stage.stage, stage.device).observe(stage.computed)
+                if stage.cached is not None:
+                    self.cache_hits.labels(stage.stage).inc(stage.cached)
+                    self.cache_misses.labels(stage.stage).inc(stage.documents - stage.cached)
+
+
+class StateCollector(Collector):
+    """Gauges read at scrape time from the app's state (`state()` returns app.state)."""
+
+    def __init__(self, state: Callable[[], Any]) -> None:
+        self._state = state
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # dynamic: some families exist only with a GPU or a cache
+
+    def collect(self) -> Iterable[Metric]:
+        state = self._state()
+        pool = getattr(state, "pool", None)
+        queued = GaugeMetricFamily(
+            "reranker_queue_depth_requests", "Requests waiting for an inference worker."
+        )
+        running = GaugeMetricFamily(
+            "reranker_in_flight_requests", "Requests running in an inference worker."
+        )
+        queued.add_metric([], pool.queued if pool is not None else 0)
+        running.add_metric([], pool.running if pool is not None else 0)
+        yield queued
+        yield running
+
+        load_s = getattr(state, "model_load_seconds", None)
+        if load_s is not None:
+            load = GaugeMetricFamily(
+                "reranker_model_load_seconds", "Time to load and warm up the models at startup."
+            )
+            load.add_metric([], load_s)
+            yield load
+
+        engine = getattr(state, "engine", None)
+        if engine is None:
+            return
+        yield from _cache_metrics(engine.cache)
+        yield from _gpu_metrics(engine.gate)
+
+
+def _cache_metrics(cache: Any) -> Iterable[Metric]:
+    if cache is None:
+        return
+    stats = cache.stats()
+    labels = ["backend"]
+    up = GaugeMetricFamily(
+        "reranker_cache_up", "1 if the score cache backend answers, 0 if it is down.", labels=labels
+    )
+    up.add_metric([cache.kind], 1.0 if stats["available"] else 0.0)
+    yield up
+    errors = CounterMetricFamily(
+        "reranker_cache_errors",
+        "Cache operations that failed (the request went on without the cache).",
+        labels=labels,
+    )
+    errors.add_metric([cache.kind], stats["errors"])
+    yield errors
+    if "entries" in stats:
+        entries = GaugeMetricFamily(
+            "reranker_cache_entries", "Scores held by the in-process cache.", labels=labels
+        )
+        entries.add_metric([cache.kind], stats["entries"])
+        yield entries
+        size = GaugeMetricFamily(
+            "reranker_cache_size_bytes", "Estimated memory of the in-process cache.", labels=labels
+        )
+        size.add_metric([cache.kind], stats["bytes"])
+        yield size
+
+
+def _gpu_metrics(gate: Any) -> Iterable[Metric]:
+    accelerator = getattr(gate, "accelerator", None)
+    if accelerator is None:
+        return
+    try:
+        free = accelerator.free_memory_mb() * 2**20
+        total = accelerator.total_memory_mb() * 2**20
+    except Exception:  # a broken device: report nothing rather than fail the scrape
+        return
+    device = accelerator.torch_device
+    used_family = GaugeMetricFamily(
+        "reranker_gpu_memory_used_bytes", "GPU memory in use (all processes).", labels=["device"]
+    )
+    free_family = GaugeMetricFamily(
+        "reranker_gpu_memory_free_bytes", "GPU memory free.", labels=["device"]
+    )
+    used_family.add_metric([device], total - free)
+    free_family.add_metric([device], free)
+    yield used_family
+    yield free_family
