@@ -153,6 +153,7 @@ class StateCollector(Collector):
             return
         yield from _cache_metrics(engine.cache)
         yield from _gpu_metrics(engine.gate)
+        yield from _breaker_metrics(engine)
 
 
 def _cache_metrics(cache: Any) -> Iterable[Metric]:
@@ -205,3 +206,30 @@ def _gpu_metrics(gate: Any) -> Iterable[Metric]:
     free_family.add_metric([device], free)
     yield used_family
     yield free_family
+
+
+def _breaker_metrics(engine: Any) -> Iterable[Metric]:
+    """The OOM ladder's rungs and the breaker's probes and state (only with a GPU model)."""
+    runner = getattr(engine, "stage2_gpu", None)
+    if runner is None:
+        return
+    rungs = CounterMetricFamily(
+        "reranker_gpu_oom_retries",
+        "Stage-2 batches retried with half the pairs after a CUDA out-of-memory.",
+    )
+    rungs.add_metric([], getattr(runner, "oom_retries", 0))
+    yield rungs
+    probes = CounterMetricFamily(
+        "reranker_gpu_probes",
+        "One-pair GPU probes after a cool-down, by result.",
+        labels=["result"],
+    )
+    for result, count in engine.gate.probes.items():
+        probes.add_metric([result], count)
+    yield probes
+    state = engine.gate.state().get("gpu_state", "absent")
+    cooling = GaugeMetricFamily(
+        "reranker_gpu_cooling_down", "1 while the GPU rests after a fault (answers from stage 1)."
+    )
+    cooling.add_metric([], 1.0 if state == "cooling_down" else 0.0)
+    yield cooling

@@ -52,3 +52,25 @@ def test_real_oom_falls_back_to_stage1(make_settings: Callable[..., Settings]) -
     assert (out.backend, out.fallback) == ("cpu", "oom")
     assert engine.gate.state()["gpu_state"] == "cooling_down"
     assert np.isfinite([r.score for r in out.results]).all()
+
+
+def test_fp16_by_default_and_close_to_fp32(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Real-shaped model (MiniLM-L6-H384, BERT's init) on CUDA: fp16 within 1e-3 of fp32."""
+    from reranker_server.model_factory import write_test_models
+
+    models = write_test_models(tmp_path_factory.mktemp("full"), full_size=True)
+    acc = detect_accelerator("auto")
+    assert acc is not None
+    fp16 = CrossEncoderRunner(str(models.stage2), accelerator=acc)
+    fp32 = CrossEncoderRunner(str(models.stage2), accelerator=acc, precision="fp32")
+    assert fp16.precision == "fp16"
+    docs = [" ".join(DOCS[: 1 + i % 5]) * (1 + i) for i in range(40)]
+    assert fp16.score(QUERY, docs) == pytest.approx(fp32.score(QUERY, docs), abs=1e-3)
+
+
+def test_memory_cap_is_applied(tiny_models: TestModelPaths) -> None:
+    acc = CudaAccelerator(0, memory_limit_mb=256)
+    runner = CrossEncoderRunner(str(tiny_models.stage2), accelerator=acc)
+    assert acc.free_memory_mb() <= 256
+    assert len(runner.score(QUERY, DOCS)) == len(DOCS)
+    torch.cuda.set_per_process_memory_fraction(1.0, 0)

@@ -1,0 +1,162 @@
+"""Small-GPU behaviour with the real cross-encoder and a fake device at the seam:
+the OOM ladder, VRAM-aware batches, the breaker's probe, precision, device choice."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from reranker_server import devices
+from reranker_server.app import create_app
+from reranker_server.engine.loader import load_engine
+from reranker_server.model_factory import TestModelPaths
+from reranker_server.runners.cross_encoder import CrossEncoderRunner
+from reranker_server.settings import Settings
+
+from .conftest import running
+from .fakes import FakeAccelerator
+
+QUERY = "what is the capital of france"
+DOCS = [
+    " ".join(["paris", "city", "river", "tower", "history", "music"][: 1 + i % 6] * (1 + i // 6))
+    for i in range(12)
+]
+
+
+def cpu_scores(models: TestModelPaths, docs: list[str]) -> list[float]:
+    return CrossEncoderRunner(str(models.stage2)).score(QUERY, docs)
+
+
+def test_oom_ladder_halves_the_batch_and_keeps_the_answer(tiny_models: TestModelPaths) -> None:
+    fake = FakeAccelerator()
+    fake.oom_at_pairs = 5
+    runner = CrossEncoderRunner(str(tiny_models.stage2), accelerator=fake, batch_size=16)
+    scores = runner.score(QUERY, DOCS)
+    assert fake.forwards == [12, 6, 3, 3, 3, 3]
+    assert runner.oom_retries == 2 and fake.cache_emptied == 2
+    assert scores == pytest.approx(cpu_scores(tiny_models, DOCS), abs=1e-5)
+
+
+def test_oom_at_one_pair_reaches_the_engine(tiny_models: TestModelPaths) -> None:
+    fake = FakeAccelerator()
+    fake.oom_at_pairs = 1
+    runner = CrossEncoderRunner(str(tiny_models.stage2), accelerator=fake, batch_size=4)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        runner.score(QUERY, DOCS[:4])
+    assert fake.forwards == [4, 2, 1]
+
+
+def test_batches_are_bounded_by_free_vram_and_sorted_by_length(
+    tiny_models: TestModelPaths,
+) -> None:
+    fake = FakeAccelerator(free_mb=1.0)  # 0.5 MB for activations: a few pairs at a time
+    runner = CrossEncoderRunner(str(tiny_models.stage2), accelerator=fake, batch_size=32,
+                                vram_fraction=0.5)
+    scores = runner.score(QUERY, DOCS)
+    assert 1 < max(fake.forwards) < len(DOCS) and sum(fake.forwards) == len(DOCS)
+    assert scores == pytest.approx(cpu_scores(tiny_models, DOCS), abs=1e-5)
+    fake.forwards.clear()
+    fake.free_mb = 4096
+    runner.score(QUERY, DOCS)
+    assert fake.forwards == [12]  # plenty of room: one batch
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_reduced_precision_stays_close_to_fp32(tiny_models: TestModelPaths, precision: str) -> None:
+    """On the CPU. The tiny models' wide random init (needed to spread their scores) magnifies
+    rounding, so the bound here is loose; tests/test_gpu.py checks 1e-3 on CUDA with
+    real-shaped models."""
+    low = CrossEncoderRunner(str(tiny_models.stage2), precision=precision)
+    assert low.precision == precision
+    assert next(low._model.model.parameters()).dtype == {"fp16": torch.float16,
+                                                          "bf16": torch.bfloat16}[precision]
+    diff = np.abs(np.array(low.score(QUERY, DOCS)) - np.array(cpu_scores(tiny_models, DOCS)))
+    assert diff.max() < 0.05 and diff.mean() < 0.015, diff
+
+
+def test_precision_defaults_to_fp16_only_on_cuda(tiny_models: TestModelPaths) -> None:
+    assert CrossEncoderRunner(str(tiny_models.stage2)).precision == "fp32"
+    fake = FakeAccelerator()
+    assert CrossEncoderRunner(str(tiny_models.stage2), accelerator=fake).precision == "fp32"
+
+
+@pytest.fixture
+def breaker_server(make_settings: Callable[..., Settings]) -> Iterator[tuple[str, FakeAccelerator]]:
+    fake = FakeAccelerator()
+    settings = make_settings(candidates=4, gpu_cooldown_s=0.5)
+    app = create_app(settings, engine_factory=lambda s: load_engine(s, detect=lambda *_: fake))
+    with running(app) as url:
+        yield url, fake
+
+
+def test_breaker_probes_then_resumes(breaker_server: tuple[str, FakeAccelerator]) -> None:
+    url, fake = breaker_server
+    body = {"query": QUERY, "documents": DOCS, "top_k": 3}
+    fake.cuda_error = True
+    assert httpx.post(f"{url}/rerank", json=body).json()["fallback"] == "cuda_error"
+    assert httpx.post(f"{url}/rerank", json=body).json()["fallback"] == "cooldown"
+    assert httpx.get(f"{url}/health").json()["gpu_state"] == "cooling_down"
+    import time
+
+    time.sleep(0.6)
+    assert httpx.get(f"{url}/health").json()["gpu_state"] == "probing"
+    fake.forwards.clear()
+    answer = httpx.post(f"{url}/rerank", json=body).json()
+    assert (answer["backend"], answer["fallback"]) == ("gpu", None)
+    assert fake.forwards == [1, 4]  # the one-pair probe, then the request's candidates
+    health = httpx.get(f"{url}/health").json()
+    assert health["gpu_state"] == "ok" and health["gpu_probes"] == {"passed": 1, "failed": 0}
+    scrape = httpx.get(f"{url}/metrics").text
+    assert 'reranker_gpu_probes_total{result="passed"} 1.0' in scrape
+    assert 'reranker_gpu_fallbacks_total{reason="cuda_error"} 1.0' in scrape
+
+
+def test_oom_rungs_are_counted_in_metrics(breaker_server: tuple[str, FakeAccelerator]) -> None:
+    url, fake = breaker_server
+    fake.oom_at_pairs = 3
+    answer = httpx.post(f"{url}/rerank", json={"query": QUERY, "documents": DOCS, "top_k": 3})
+    assert answer.json()["backend"] == "gpu"  # 4 pairs OOM, 2 + 2 fit
+    assert fake.forwards[-3:] == [4, 2, 2]
+    assert "reranker_gpu_oom_retries_total 1.0" in httpx.get(f"{url}/metrics").text
+
+
+class FakeCuda:
+    """torch.cuda's device queries for two cards (the seam `devices` reads)."""
+
+    def __init__(self, free_mb: list[float], total_mb: float = 4096) -> None:
+        self.free = [f * 2**20 for f in free_mb]
+        self.total = total_mb * 2**20
+        self.fraction: tuple[float, int] | None = None
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(devices, "cuda_runtime_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: len(self.free))
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (self.free[i], self.total))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: 300 * 2**20)
+        monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                            lambda f, i: setattr(self, "fraction", (f, i)))
+
+
+def test_auto_picks_the_gpu_with_most_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    FakeCuda([1000, 3000]).install(monkeypatch)
+    chosen = devices.detect_accelerator("auto")
+    assert chosen is not None and chosen.torch_device == "cuda:1"
+    pinned = devices.detect_accelerator("cuda:0")
+    assert pinned is not None and pinned.torch_device == "cuda:0"
+    assert devices.detect_accelerator("cuda:2") is None
+
+
+def test_memory_cap_leaves_room_for_a_neighbour(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = FakeCuda([3500])
+    cuda.install(monkeypatch)
+    accelerator = devices.detect_accelerator("cuda", memory_limit_mb=1536)
+    assert cuda.fraction == (1536 / 4096, 0)
+    assert accelerator is not None
+    # 3.5 GB free on the card, but this process may use 1.5 GB and holds 300 MB already
+    assert accelerator.free_memory_mb() == pytest.approx(1536 - 300)
+    cuda.free = [800 * 2**20]  # a local LLM took most of the card
+    assert accelerator.free_memory_mb() == pytest.approx(800)
