@@ -36,7 +36,7 @@ def _rank(scores: Sequence[float]) -> list[int]:
 
 def _checked(scores: list[float], expected: int, runner: Runner) -> list[float]:
     if len(scores) != expected or not all(math.isfinite(s) for s in scores):
-        raise InferenceError(f"model {runner.name} returned invalid scores")
+        raise InferenceError(f"the {runner.name} model returned invalid scores")
     return scores
 
 

@@ -148,12 +148,18 @@ def _load_cross_encoder(path: str, settings: Settings, accelerator: Accelerator 
             precision=settings.stage2_precision,
             vram_fraction=settings.stage2_vram_fraction,
             trust_remote_code=settings.trust_remote_code,
+            name=_display_name(settings.stage2_model),
         )
     except Exception as exc:
         raise ModelLoadError(
             f"stage-2 model {path} could not be loaded ({type(exc).__name__}: {exc}); fix: point "
             "RERANKER_STAGE2_MODEL at a sentence-transformers cross-encoder"
         ) from exc
+
+
+def _display_name(model: str) -> str:
+    """What clients see: a hub id as it is, a local directory by its last part (no paths)."""
+    return Path(model).name if Path(model).expanduser().is_dir() else model
 
 
 def warm_up(engine: Engine) -> None:

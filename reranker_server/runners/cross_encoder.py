@@ -43,6 +43,7 @@ class CrossEncoderRunner:
         precision: str = "auto",
         vram_fraction: float = 0.5,
         trust_remote_code: bool = False,
+        name: str | None = None,
     ) -> None:
         self._accelerator = accelerator
         self.device = accelerator.torch_device if accelerator is not None else "cpu"
@@ -67,7 +68,7 @@ class CrossEncoderRunner:
         self._bytes_per_token = DTYPES[precision].itemsize * (
             width + config.num_attention_heads * max_length
         )
-        self.name = model_path
+        self.name = name or model_path  # shown to clients: a hub id, never a local path
         self.oom_retries = 0  # rungs taken down the OOM ladder, for metrics
 
     def score(self, query: str, documents: Sequence[str]) -> list[float]:
