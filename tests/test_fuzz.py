@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 import schemathesis
-from schemathesis import checks
 from hypothesis import HealthCheck, settings
+from schemathesis import checks
 
 from reranker_server.app import create_app
 from reranker_server.settings import Settings
@@ -42,10 +42,8 @@ def fuzz_server(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @schema.parametrize()
-@settings(max_examples=MAX_EXAMPLES, deadline=None,
-          suppress_health_check=list(HealthCheck))
-def test_no_server_errors_and_schema_conformance(case: schemathesis.Case,
-                                                 fuzz_server: str) -> None:
+@settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+def test_no_server_errors_and_schema_conformance(case: schemathesis.Case, fuzz_server: str) -> None:
     case.call_and_validate(
         base_url=fuzz_server,
         headers={"Authorization": f"Bearer {API_KEY}"},
@@ -62,5 +60,3 @@ def test_no_server_errors_and_schema_conformance(case: schemathesis.Case,
 def test_schema_covers_every_dialect() -> None:
     paths = set(create_app(Settings()).openapi()["paths"])
     assert {"/rerank", "/v1/rerank", "/v2/rerank", "/rerank/batch", "/health"} <= paths
-
-

@@ -54,8 +54,9 @@ def test_batches_are_bounded_by_free_vram_and_sorted_by_length(
     tiny_models: TestModelPaths,
 ) -> None:
     fake = FakeAccelerator(free_mb=1.0)  # 0.5 MB for activations: a few pairs at a time
-    runner = CrossEncoderRunner(str(tiny_models.stage2), accelerator=fake, batch_size=32,
-                                vram_fraction=0.5)
+    runner = CrossEncoderRunner(
+        str(tiny_models.stage2), accelerator=fake, batch_size=32, vram_fraction=0.5
+    )
     scores = runner.score(QUERY, DOCS)
     assert 1 < max(fake.forwards) < len(DOCS) and sum(fake.forwards) == len(DOCS)
     assert scores == pytest.approx(cpu_scores(tiny_models, DOCS), abs=1e-5)
@@ -72,8 +73,10 @@ def test_reduced_precision_stays_close_to_fp32(tiny_models: TestModelPaths, prec
     real-shaped models."""
     low = CrossEncoderRunner(str(tiny_models.stage2), precision=precision)
     assert low.precision == precision
-    assert next(low._model.model.parameters()).dtype == {"fp16": torch.float16,
-                                                          "bf16": torch.bfloat16}[precision]
+    assert (
+        next(low._model.model.parameters()).dtype
+        == {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    )
     diff = np.abs(np.array(low.score(QUERY, DOCS)) - np.array(cpu_scores(tiny_models, DOCS)))
     assert diff.max() < 0.05 and diff.mean() < 0.015, diff
 
@@ -137,8 +140,11 @@ class FakeCuda:
         monkeypatch.setattr(torch.cuda, "device_count", lambda: len(self.free))
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (self.free[i], self.total))
         monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: 300 * 2**20)
-        monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
-                            lambda f, i: setattr(self, "fraction", (f, i)))
+        monkeypatch.setattr(
+            torch.cuda,
+            "set_per_process_memory_fraction",
+            lambda f, i: setattr(self, "fraction", (f, i)),
+        )
 
 
 def test_auto_picks_the_gpu_with_most_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
