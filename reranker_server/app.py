@@ -9,6 +9,7 @@ import traceback
 from collections.abc import Callable
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import Receive, Scope, Send
 
 from . import __version__
@@ -107,6 +108,14 @@ def create_app(
     app.include_router(health.router)
     app.include_router(metrics_route.router)
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
+    if settings.cors_origin_list():
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list(),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "X-Process-Time", "Retry-After"],
+        )
     app.add_middleware(  # outermost: sees every answer, the guard's 413/415 included
         RequestTelemetry,
         metrics=app.state.metrics,

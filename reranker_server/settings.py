@@ -103,6 +103,10 @@ class Settings(BaseSettings):
     )
 
     # --- clients
+    cors_origins: str = Field(
+        "",
+        description="Comma-separated origins browsers may call from (* for any); empty: CORS off.",
+    )
     api_key: SecretStr | None = Field(
         None,
         description="When set, rerank routes require `Authorization: Bearer <key>` (health stays "
@@ -212,6 +216,10 @@ class Settings(BaseSettings):
     def accepted_model_names(self) -> set[str]:
         """Extra model names requests may name; empty means any name is accepted."""
         return {name.strip() for name in self.accepted_models.split(",") if name.strip()}
+
+    def cors_origin_list(self) -> list[str]:
+        """The allowed browser origins (empty: no CORS headers at all)."""
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     def total_threads(self) -> int:
         """Threads all inference may use together: the setting, or every core."""

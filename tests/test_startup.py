@@ -160,3 +160,58 @@ def test_make_test_models_prints_the_settings(tmp_path: Path) -> None:
     )
     assert f"RERANKER_STAGE2_MODEL={tmp_path / 'm' / 'cross-encoder'}" in out.stdout
     assert (tmp_path / "m" / "cross-encoder" / "model.safetensors").is_file()
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits_0(
+    tiny_models: TestModelPaths, tmp_path: Path
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [
+            str(BIN / "reranker-server"),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--cpu-threads",
+            "1",
+        ],
+        env=env_for(tiny_models, tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    docs = [("paris capital river city history music " * 70) + str(i) for i in range(1000)]
+    result: dict[str, httpx.Response] = {}
+    try:
+        wait_healthy(url, process)
+
+        def long_request() -> None:
+            result["r"] = httpx.post(
+                f"{url}/rerank",
+                timeout=120,
+                json={"query": "capital", "documents": docs, "top_k": 3},
+            )
+
+        import threading
+
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        time.sleep(1.0)  # the request is being scored now (it takes seconds)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        refused = False
+        try:
+            httpx.get(f"{url}/health", timeout=2)
+        except httpx.TransportError:
+            refused = True
+        worker.join(timeout=120)
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+        _, stderr = process.communicate()
+    assert refused, "a stopping server must not accept new connections"
+    assert result["r"].status_code == 200 and len(result["r"].json()["results"]) == 3
+    assert "Shutting down" in stderr or "shutdown" in stderr.lower()

@@ -97,6 +97,12 @@ async def _on_validation_error(_request: Request, exc: Exception) -> JSONRespons
 
 async def _on_http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400:  # FastAPI could not decode the body (bad bytes, nested too deep)
+        return error_response(
+            400,
+            "request body is not valid JSON (undecodable bytes or nested too deeply)",
+            "invalid_json",
+        )
     return error_response(exc.status_code, str(exc.detail), "http_error", headers=exc.headers)
 
 

@@ -1,7 +1,8 @@
 """ASGI middleware that checks a request before anything parses it.
 
 - A body over `max_body_bytes` gets 413 (from Content-Length at once, else while reading).
-- A POST whose Content-Type is not JSON gets 415 (a missing Content-Type is read as JSON).
+- A POST whose Content-Type is not JSON gets 415 (a missing Content-Type is read as JSON), and so
+  does a compressed body (Content-Encoding other than identity: nothing is ever inflated).
 """
 
 from __future__ import annotations
@@ -41,6 +42,16 @@ class RequestGuard:
                 f"Content-Type must be application/json, got {content_type!r}",
                 "unsupported_media_type",
                 "content-type",
+            )
+            return
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":  # never inflate: no decompression bombs
+            await _reply(
+                send,
+                415,
+                f"Content-Encoding {encoding!r} is not accepted; send plain JSON",
+                "unsupported_media_type",
+                "content-encoding",
             )
             return
         declared = headers.get("content-length", "")

@@ -120,9 +120,7 @@ class Engine:
             tokens=tokens,
         )
 
-    def rerank_many(
-        self, jobs: Sequence[tuple[str, Sequence[str], int]]
-    ) -> list[RerankOutcome]:
+    def rerank_many(self, jobs: Sequence[tuple[str, Sequence[str], int]]) -> list[RerankOutcome]:
         """`rerank` for several (query, documents, top_k) in one call, answered in order.
 
         The HTTP batch route runs this as one unit of work in the pool, so a batch takes one queue
@@ -183,7 +181,16 @@ class Engine:
         tokens = 0
         if missing:
             todo = [texts[i] for i in missing]
-            fresh = _checked(runner.score(query, todo), len(todo), runner)
+            try:
+                fresh = _checked(runner.score(query, todo), len(todo), runner)
+            except InferenceError:
+                raise
+            except Exception as exc:
+                if runner is self.stage2_gpu:
+                    raise  # a device fault, perhaps: _stage2 decides
+                raise InferenceError(
+                    f"the {runner.name} model failed: {type(exc).__name__}"
+                ) from exc
             if role == "stage1" and self._count_tokens is not None:
                 tokens = self._count_tokens(query, todo)
             if keys and self.cache is not None:
