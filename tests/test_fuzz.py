@@ -3,6 +3,7 @@ bodies (valid and invalid), no 5xx and no response that breaks the schema. Bound
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -15,7 +16,8 @@ from reranker_server.settings import Settings
 
 from .conftest import running
 
-MAX_EXAMPLES = 40
+MAX_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))  # per operation; more by hand
+CASES_RUN: list[str] = []
 API_KEY = "fuzz-key"
 
 # The schema depends on routes only, not on loaded models: read it from an app never started.
@@ -39,11 +41,13 @@ def fuzz_server(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     )
     with running(create_app(settings_)) as url:
         yield url
+    print(f"\nschemathesis: {len(CASES_RUN)} cases over {len(set(CASES_RUN))} operations")
 
 
 @schema.parametrize()
 @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_server_errors_and_schema_conformance(case: schemathesis.Case, fuzz_server: str) -> None:
+    CASES_RUN.append(f"{case.method} {case.path}")
     case.call_and_validate(
         base_url=fuzz_server,
         headers={"Authorization": f"Bearer {API_KEY}"},

@@ -71,3 +71,36 @@ def test_request_timeout_is_a_retryable_503(make_settings: Callable[..., Setting
         assert response.headers["Retry-After"]
         assert runner.running.is_set()
         assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_four_times_capacity_gets_only_200_or_429_and_bounded_latency(
+    make_settings: Callable[..., Settings],
+) -> None:
+    service_s = 0.2
+    app, _ = slow_app(make_settings, service_s, workers=1, max_queue=3)  # capacity 4
+
+    async def timed(client: httpx.AsyncClient) -> tuple[int, float, str | None]:
+        started = time.perf_counter()
+        response = await client.post("/rerank", json=BODY)
+        return (
+            response.status_code,
+            time.perf_counter() - started,
+            response.headers.get("Retry-After"),
+        )
+
+    async def waves(url: str) -> list[tuple[int, float, str | None]]:
+        results: list[tuple[int, float, str | None]] = []
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            for _ in range(3):  # three bursts of 16 = 4x capacity each
+                results += await asyncio.gather(*(timed(client) for _ in range(16)))
+        return results
+
+    with running(app) as url:
+        results = asyncio.run(waves(url))
+    codes = {code for code, _, _ in results}
+    assert codes <= {200, 429}, codes
+    admitted = [seconds for code, seconds, _ in results if code == 200]
+    refused = [retry for code, _, retry in results if code == 429]
+    assert len(admitted) >= 3 * 4 and refused and all(r and int(r) >= 1 for r in refused)
+    # an admitted request waits for at most the queue ahead of it: (capacity) x service time
+    assert max(admitted) < 4 * service_s + 1.0, max(admitted)
