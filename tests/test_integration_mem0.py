@@ -65,7 +65,6 @@ def make_memory(
 
     yield build
     for memory in made:
-        memory.reranker.close()  # mem0 never closes a reranker
         memory.vector_store.client.close()
 
 
@@ -179,7 +178,6 @@ def test_the_provider_reranks_with_the_generated_models(
     with running(create_app(settings)) as url:
         reranker = RerankerFactory.create(PROVIDER, {"base_url": url, "api_key": None})
         results = reranker.rerank(QUERY, memories, top_k=3)
-        reranker.close()
         with RerankerClient(url) as client:
             expected = client.rerank(QUERY, DOCUMENTS, top_k=3)
     assert [r["id"] for r in results] == [str(r.index) for r in expected.results]

@@ -10,7 +10,9 @@
 
 The answer is copies of the documents, best first, each with `metadata["relevance_score"]`
 (LangChain's convention, as in `langchain_cohere.CohereRerank`); the inputs are not changed.
-Errors from the server raise `reranker_server.client.RerankerClientError` subclasses.
+Errors from the server raise `reranker_server.client.RerankerClientError` subclasses. Each call
+opens its own HTTP client: nothing to close, and an async client's connections belong to one
+event loop.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
+from pydantic import ConfigDict, Field, SecretStr
 
 from ..client import (
     DEFAULT_BASE_URL,
@@ -49,8 +51,6 @@ class RerankerServerCompressor(BaseDocumentCompressor):
     model: str | None = None
     timeout: float = DEFAULT_TIMEOUT_S
 
-    _client: RerankerClient | None = PrivateAttr(default=None)
-
     def compress_documents(
         self,
         documents: Sequence[Document],
@@ -60,9 +60,8 @@ class RerankerServerCompressor(BaseDocumentCompressor):
         """The best `top_n` documents, best first, as scored copies."""
         if not documents:
             return []
-        if self._client is None:
-            self._client = RerankerClient(self.base_url, **self._client_options())
-        ranking = self._client.rerank(query, _texts(documents), self.top_n, model=self.model)
+        with RerankerClient(self.base_url, **self._client_options()) as client:
+            ranking = client.rerank(query, _texts(documents), self.top_n, model=self.model)
         return _scored(documents, ranking)
 
     async def acompress_documents(
@@ -74,7 +73,6 @@ class RerankerServerCompressor(BaseDocumentCompressor):
         """`compress_documents` without blocking the event loop."""
         if not documents:
             return []
-        # One client per call: an httpx.AsyncClient's connections belong to one event loop.
         async with AsyncRerankerClient(self.base_url, **self._client_options()) as client:
             ranking = await client.rerank(query, _texts(documents), self.top_n, model=self.model)
         return _scored(documents, ranking)

@@ -9,7 +9,8 @@
 
 The answer is the nodes best first, as new `NodeWithScore`s whose `score` is the server's
 (as `llama_index.postprocessor.cohere_rerank.CohereRerank` does). Errors from the server raise
-`reranker_server.client.RerankerClientError` subclasses.
+`reranker_server.client.RerankerClientError` subclasses. Each call opens its own HTTP client:
+nothing to close, and an async client's connections belong to one event loop.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..client import (
 from ._imports import missing_extra
 
 try:
-    from llama_index.core.bridge.pydantic import Field, PrivateAttr, SecretStr
+    from llama_index.core.bridge.pydantic import Field, SecretStr
     from llama_index.core.callbacks import CBEventType, EventPayload
     from llama_index.core.postprocessor.types import BaseNodePostprocessor
     from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
@@ -45,8 +46,6 @@ class RerankerServerRerank(BaseNodePostprocessor):
     model: str | None = Field(default=None, description="A model name, if the server checks it.")
     timeout: float = Field(default=DEFAULT_TIMEOUT_S, description="Seconds per request.")
 
-    _client: RerankerClient | None = PrivateAttr(default=None)
-
     @classmethod
     def class_name(cls) -> str:
         return "RerankerServerRerank"
@@ -57,11 +56,10 @@ class RerankerServerRerank(BaseNodePostprocessor):
         query = _query_of(query_bundle)
         if not nodes:
             return []
-        if self._client is None:
-            self._client = RerankerClient(self.base_url, **self._client_options())
         payload = self._payload(nodes, query)
         with self.callback_manager.event(CBEventType.RERANKING, payload=payload) as event:
-            ranking = self._client.rerank(query, _texts(nodes), self.top_n, model=self.model)
+            with RerankerClient(self.base_url, **self._client_options()) as client:
+                ranking = client.rerank(query, _texts(nodes), self.top_n, model=self.model)
             reranked = _scored(nodes, ranking)
             event.on_end(payload={EventPayload.NODES: reranked})
         return reranked
@@ -74,7 +72,6 @@ class RerankerServerRerank(BaseNodePostprocessor):
             return []
         payload = self._payload(nodes, query)
         with self.callback_manager.event(CBEventType.RERANKING, payload=payload) as event:
-            # One client per call: an httpx.AsyncClient's connections belong to one event loop.
             async with AsyncRerankerClient(self.base_url, **self._client_options()) as client:
                 ranking = await client.rerank(query, _texts(nodes), self.top_n, model=self.model)
             reranked = _scored(nodes, ranking)

@@ -79,9 +79,6 @@ class RerankerServerReranker:
         elif not isinstance(config, RerankerServerConfig):
             config = RerankerServerConfig(**dict(config))
         self.config = config
-        self.client = RerankerClient(
-            config.base_url, api_key=config.api_key, timeout=config.timeout
-        )
 
     def rerank(
         self, query: str, documents: list[dict[str, Any]], top_k: int | None = None
@@ -92,7 +89,11 @@ class RerankerServerReranker:
         limit = _smaller(top_k, self.config.top_k)
         texts = [_text_of(doc) for doc in documents]
         try:
-            ranking = self.client.rerank(query, texts, top_k=limit, model=self.config.model)
+            # A client per call: mem0 never closes a reranker, so nothing may stay open.
+            with RerankerClient(
+                self.config.base_url, api_key=self.config.api_key, timeout=self.config.timeout
+            ) as client:
+                ranking = client.rerank(query, texts, top_k=limit, model=self.config.model)
         except Exception as exc:  # any failure: mem0 would swallow it, so say it here
             return self._failed(exc, documents, limit)
         return [{**documents[r.index], "rerank_score": r.score} for r in ranking.results]
@@ -108,10 +109,6 @@ class RerankerServerReranker:
             raise RerankFailed(message) from exc
         logger.error("%s; keeping the vector-search order", message)
         return [{**doc, "rerank_score": 0.0} for doc in documents[:limit]]
-
-    def close(self) -> None:
-        """Close the HTTP connections (mem0 never does; call it when you drop the Memory)."""
-        self.client.close()
 
 
 def register(name: str = PROVIDER) -> None:
