@@ -47,7 +47,7 @@ class RerankerServerConfig(BaseRerankerConfig):
     """The provider's `config` block. Unknown keys are rejected (a typo must not pass silently).
 
     `top_k`: at most this many memories (mem0 also passes `search`'s `top_k`; the smaller wins).
-    `model`: a model name for servers that check it (`RERANKER_SERVED_MODEL_NAMES`); else unused.
+    `model`: a model name, for servers that check it (`RERANKER_ACCEPTED_MODELS`).
     """
 
     model_config = ConfigDict(extra="forbid")
