@@ -193,7 +193,10 @@ def test_config_rejects_unknown_keys() -> None:
 def test_mem0s_cohere_provider_through_co_api_url(keyword_url: str, tmp_path: Path) -> None:
     """The other route: mem0's own cohere provider, with CO_API_URL set before cohere loads."""
     program = """
-import json
+import json, sys
+# As in an app without torch (the usual client side): else mem0.reranker imports torch and
+# sentence-transformers for its local rerankers, which only costs this test ~10 s.
+sys.modules.update(dict.fromkeys(["torch", "transformers", "sentence_transformers"]))
 from mem0.utils.factory import RerankerFactory
 
 reranker = RerankerFactory.create("cohere", {"api_key": "unused", "model": "rerank-v3.5"})
