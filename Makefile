@@ -13,7 +13,7 @@ install:
 	$(BIN)/pip install -e '.[dev]'
 
 lint:
-	$(BIN)/ruff check reranker_server tests bench
+	$(BIN)/ruff check reranker_server tests bench examples
 	$(BIN)/mypy
 
 test:
