@@ -107,7 +107,11 @@ def create_app(
     app.include_router(cohere.router)
     app.include_router(health.router)
     app.include_router(metrics_route.router)
-    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        RequestGuard,
+        max_body_bytes=settings.max_body_bytes,
+        api_key=settings.required_api_key(),
+    )
     if settings.cors_origin_list():
         app.add_middleware(
             CORSMiddleware,

@@ -17,7 +17,7 @@ from .types import FallbackReason
 
 logger = logging.getLogger(__name__)
 
-FailureKind = Literal["oom", "cuda_error"]
+FailureKind = Literal["oom", "cuda_error", "invalid_scores"]
 
 
 class Accelerator(Protocol):

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Backend = Literal["gpu", "cpu"]
-FallbackReason = Literal["no_gpu", "low_vram", "cooldown", "oom", "cuda_error"]
+FallbackReason = Literal["no_gpu", "low_vram", "cooldown", "oom", "cuda_error", "invalid_scores"]
 
 
 @dataclass(frozen=True)

@@ -166,3 +166,46 @@ def test_memory_cap_leaves_room_for_a_neighbour(monkeypatch: pytest.MonkeyPatch)
     assert accelerator.free_memory_mb() == pytest.approx(1536 - 300)
     cuda.free = [800 * 2**20]  # a local LLM took most of the card
     assert accelerator.free_memory_mb() == pytest.approx(800)
+
+
+def test_gpu_nan_scores_fall_back_instead_of_failing(tiny_models: TestModelPaths) -> None:
+    from reranker_server.devices import GpuGate
+    from reranker_server.engine.cascade import Engine
+
+    from .fakes import KeywordRunner
+
+    class NanRunner(KeywordRunner):
+        def score(self, query: str, documents: object) -> list[float]:  # type: ignore[override]
+            return [float("nan")] * len(documents)  # type: ignore[arg-type]
+
+    engine = Engine(
+        KeywordRunner("stage1"),
+        gate=GpuGate(FakeAccelerator(), 0, 30),
+        stage2_gpu=NanRunner("gpu", device="cuda:0"),
+    )
+    out = engine.rerank(QUERY, DOCS, top_k=3)
+    assert (out.backend, out.fallback) == ("cpu", "invalid_scores")
+    assert all(np.isfinite(r.score) for r in out.results)
+    assert engine.gate.state()["gpu_state"] == "cooling_down"
+
+
+def test_max_length_is_clamped_to_the_model(tiny_models: TestModelPaths) -> None:
+    runner = CrossEncoderRunner(str(tiny_models.stage2), max_length=4096)
+    assert len(runner.score(QUERY, ["paris " * 3000, "berlin"])) == 2
+
+
+def test_two_label_cross_encoders_use_softmax(tiny_models: TestModelPaths, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from sentence_transformers import CrossEncoder
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(tiny_models.stage2), num_labels=2, ignore_mismatched_sizes=True
+    )
+    model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(str(tiny_models.stage2)).save_pretrained(tmp_path)
+    logits = CrossEncoder(str(tmp_path), device="cpu").predict(
+        [(QUERY, d) for d in DOCS], activation_fn=lambda x: x, show_progress_bar=False
+    )
+    exp = np.exp(np.asarray(logits, dtype=np.float64))
+    expected = exp[:, 1] / exp.sum(axis=1)
+    assert CrossEncoderRunner(str(tmp_path)).score(QUERY, DOCS) == pytest.approx(expected, abs=1e-6)

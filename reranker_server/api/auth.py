@@ -25,6 +25,19 @@ def _digest(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8")).digest()
 
 
+def key_matches(given: str, expected: str) -> bool:
+    """Constant-time comparison of a presented key with the configured one."""
+    return hmac.compare_digest(_digest(given), _digest(expected))
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header value, else None."""
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
 def require_api_key(
     request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
 ) -> None:
@@ -33,7 +46,7 @@ def require_api_key(
     if expected is None:
         return
     given = credentials.credentials if credentials is not None else ""
-    if not hmac.compare_digest(_digest(given), _digest(expected)):
+    if not key_matches(given, expected):
         reason = "missing" if credentials is None else "invalid"
         raise UnauthorizedError(
             f"{reason} API key: send the header 'Authorization: Bearer <key>' with the key the "

@@ -6,7 +6,7 @@ single requests. Any invalid item fails the batch with a 422 that names it (`req
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,7 +16,14 @@ from .auth import API_KEY_REQUIRED
 from .deps import EngineDep, PoolDep, SettingsDep
 from .native import native_job, to_native
 from .ranking import check_model, new_id, rank_many
-from .schemas import ERROR_RESPONSES, SPEC_EXAMPLE, ModelName, RerankRequest, RerankResponse
+from .schemas import (
+    ERROR_RESPONSES,
+    SPEC_EXAMPLE,
+    ModelName,
+    RerankRequest,
+    RerankResponse,
+    fail_fast,
+)
 
 router = APIRouter(tags=["batch"], dependencies=API_KEY_REQUIRED)
 
@@ -33,7 +40,7 @@ class BatchRerankRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [BATCH_EXAMPLE]})
 
-    requests: list[RerankRequest] = Field(
+    requests: Annotated[list[RerankRequest], fail_fast(dict, what="an object")] = Field(
         ..., description="Answered in this order. At most max_batch_requests."
     )
     model: ModelName

@@ -29,7 +29,7 @@ from .ranking import (
     search_units,
     served_model,
 )
-from .schemas import ERROR_RESPONSES, Document, ModelName, RankFields, ReturnDocuments, TopN, Usage
+from .schemas import ERROR_RESPONSES, Documents, ModelName, RankFields, ReturnDocuments, TopN, Usage
 
 router = APIRouter(tags=["cohere"], dependencies=API_KEY_REQUIRED)
 
@@ -51,7 +51,7 @@ class CohereRerankRequest(BaseModel):
 
     model: ModelName
     query: StrictStr = Field(..., min_length=1, description="The search query (not empty).")
-    documents: list[Document] = Field(..., description="Strings, or objects with `text`.")
+    documents: Documents = Field(..., description="Strings, or objects with `text`.")
     top_n: TopN
     rank_fields: RankFields
     return_documents: ReturnDocuments

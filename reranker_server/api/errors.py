@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -84,14 +85,22 @@ async def _on_reranker_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(status, str(exc), exc.error_type, getattr(exc, "field", None), headers)
 
 
+def _error_loc(error: Any) -> tuple[int | str, ...]:
+    """The error's location; a fail-fast list check (schemas.fail_fast) adds the item's index."""
+    loc = tuple(error.get("loc", ("body",)))
+    if error.get("type") == "list_item_type":
+        loc += (error["ctx"]["index"],)
+    return loc
+
+
 async def _on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = list(exc.errors())
     if any(e.get("type") == "json_invalid" for e in errors):
         return error_response(400, "request body is not valid JSON", "invalid_json")
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
-    field = _location(tuple(first.get("loc", ("body",))))
-    message = "; ".join(f"{_location(tuple(e['loc']))}: {e['msg']}" for e in errors[:5])
+    field = _location(_error_loc(first))
+    message = "; ".join(f"{_location(_error_loc(e))}: {e['msg']}" for e in errors[:5])
     return error_response(422, message, "invalid_request", field)
 
 

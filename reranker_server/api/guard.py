@@ -1,5 +1,6 @@
 """ASGI middleware that checks a request before anything parses it.
 
+- With an API key set, a POST without the right bearer token gets 401 before its body is read.
 - A body over `max_body_bytes` gets 413 (from Content-Length at once, else while reading).
 - A POST whose Content-Type is not JSON gets 415 (a missing Content-Type is read as JSON), and so
   does a compressed body (Content-Encoding other than identity: nothing is ever inflated).
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .auth import bearer_token, key_matches
 from .errors import error_response
 
 
@@ -20,15 +22,28 @@ def _is_json(content_type: str) -> bool:
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, api_key: str | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.api_key = api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key is not None:  # every POST route reranks: no key, no body read
+            token = bearer_token(headers.get("authorization"))
+            if token is None or not key_matches(token, self.api_key):
+                await _reply(
+                    send,
+                    401,
+                    "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                    "unauthorized",
+                    "authorization",
+                    {"WWW-Authenticate": "Bearer"},
+                )
+                return
         content_type = headers.get("content-type")
         if content_type is None:  # curl -d without -H, some scripts: read the body as JSON
             scope = {
@@ -90,8 +105,15 @@ class RequestGuard:
         return f"request body exceeds the limit of {self.max_body_bytes} bytes (max_body_bytes)"
 
 
-async def _reply(send: Send, status: int, message: str, error_type: str, field: str) -> None:
-    response = error_response(status, message, error_type, field)
+async def _reply(
+    send: Send,
+    status: int,
+    message: str,
+    error_type: str,
+    field: str,
+    headers: dict[str, str] | None = None,
+) -> None:
+    response = error_response(status, message, error_type, field, headers)
     await response({"type": "http"}, _no_receive, send)
 
 

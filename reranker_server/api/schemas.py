@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainValidator,
@@ -47,6 +48,32 @@ Document = Annotated[
         }
     ),
 ]
+
+
+def fail_fast(*allowed: type, what: str) -> BeforeValidator:
+    """A list validator that stops at the first item of the wrong type with ONE error.
+
+    Pydantic (and FastAPI after it) would otherwise build one error per bad item on the event
+    loop: a 1 MB body of 300,000 numbers took seconds and hundreds of MB for a single 422.
+    """
+
+    def check(value: Any) -> Any:
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                if not isinstance(item, allowed):
+                    raise PydanticCustomError(
+                        "list_item_type",
+                        "Input should be {what}",
+                        {"index": i, "what": what},
+                    )
+        return value
+
+    return BeforeValidator(check)
+
+
+# A list of passages, checked item by item before pydantic's per-item validation.
+Documents = Annotated[list[Document], fail_fast(str, dict, what="a string or an object")]
+Texts = Annotated[list[StrictStr], fail_fast(str, what="a string")]
 
 # Counts and flags as sloppy clients send them: null = default, "3" = 3, "true" = true.
 TopN = Annotated[
@@ -101,7 +128,7 @@ class RerankRequest(BaseModel):
     )
 
     query: StrictStr = Field(..., min_length=1, description="The search query (not empty).")
-    documents: list[Document] = Field(
+    documents: Documents = Field(
         ...,
         description="Passages to rerank: strings, or objects with `text`. An empty list returns "
         "no results.",

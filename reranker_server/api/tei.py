@@ -14,7 +14,7 @@ from ..engine.cascade import Engine
 from ..engine.pool import InferencePool
 from ..settings import Settings
 from .ranking import RankJob, check_model, logit, rank
-from .schemas import ModelName
+from .schemas import ModelName, Texts
 
 TEI_EXAMPLE: dict[str, Any] = {
     "query": "What is the capital of France?",
@@ -29,7 +29,7 @@ class TeiRerankRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [TEI_EXAMPLE]})
 
     query: StrictStr = Field(..., min_length=1, description="The search query (not empty).")
-    texts: list[StrictStr] = Field(..., description="Passages to rerank.")
+    texts: Texts = Field(..., description="Passages to rerank.")
     raw_scores: bool | None = Field(
         None, description="Scores as raw logits instead of sigmoid scores in [0, 1]."
     )

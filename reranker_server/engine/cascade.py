@@ -146,8 +146,10 @@ class Engine:
                     )
                     stages.append(report)
                     return scores, None
-                except InferenceError:
-                    raise
+                except InferenceError as exc:  # NaN / inf from the GPU (fp16 overflow, say)
+                    logger.warning("stage 2 on the GPU: %s; answering without it", exc)
+                    self.gate.record_failure("invalid_scores")
+                    fallback = "invalid_scores"
                 except Exception as exc:
                     fallback = self._device_fault(exc)
         if self.stage2_cpu is None:

@@ -48,13 +48,11 @@ class CrossEncoderRunner:
         self._accelerator = accelerator
         self.device = accelerator.torch_device if accelerator is not None else "cpu"
         self._batch_size = batch_size
-        self._max_length = max_length
         self._vram_fraction = vram_fraction
         torch.set_num_threads(threads)
         self._model = CrossEncoder(
             model_path,
             device=self.device,
-            max_length=max_length,
             trust_remote_code=trust_remote_code,
             local_files_only=True,
         )
@@ -63,10 +61,13 @@ class CrossEncoderRunner:
         self.precision = precision
         self._model.model.to(DTYPES[precision]).eval()
         config = self._model.model.config
+        # never longer than the model's position table (a longer pair would be a 500)
+        self._max_length = min(max_length, int(config.max_position_embeddings))
+        self._model.max_length = self._max_length
         # activation bytes one token costs in a forward pass (hidden states, FFN, attention row)
         width = 8 * config.hidden_size + 2 * config.intermediate_size
         self._bytes_per_token = DTYPES[precision].itemsize * (
-            width + config.num_attention_heads * max_length
+            width + config.num_attention_heads * self._max_length
         )
         self.name = name or model_path  # shown to clients: a hub id, never a local path
         self.oom_retries = 0  # rungs taken down the OOM ladder, for metrics
@@ -76,14 +77,14 @@ class CrossEncoderRunner:
             return []
         lengths = self._lengths(query, documents)
         order = sorted(range(len(documents)), key=lambda i: -lengths[i])
-        logits = np.empty(len(documents), dtype=np.float64)
+        scores = np.empty(len(documents), dtype=np.float64)
         start = 0
         size = self._batch_size
         while start < len(order):
             size = min(size, self._pairs_that_fit(lengths[order[start]]))
             batch = order[start : start + size]
             try:
-                logits[batch] = self._forward([(query, documents[i]) for i in batch])
+                scores[batch] = self._forward([(query, documents[i]) for i in batch])
             except Exception as exc:
                 if len(batch) == 1 or not self._is_oom(exc):
                     raise
@@ -93,7 +94,7 @@ class CrossEncoderRunner:
                 logger.warning("CUDA out of memory at %d pairs; retrying with %d", len(batch), size)
                 continue
             start += len(batch)
-        return [float(s) for s in 1.0 / (1.0 + np.exp(-logits))]
+        return [float(s) for s in scores]
 
     def _lengths(self, query: str, documents: Sequence[str]) -> list[int]:
         encoded = self._model.tokenizer(
@@ -124,4 +125,9 @@ class CrossEncoderRunner:
             convert_to_numpy=True,
             show_progress_bar=False,
         )
-        return np.asarray(out, dtype=np.float64).reshape(len(pairs), -1)[:, 0]
+        logits = np.asarray(out, dtype=np.float64).reshape(len(pairs), -1)
+        if logits.shape[1] == 1:  # one relevance logit: sigmoid
+            return np.asarray(1.0 / (1.0 + np.exp(-logits[:, 0])))
+        # (not relevant, relevant) logits: softmax, as FlashRank does for such models
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return np.asarray(shifted[:, 1] / shifted.sum(axis=1))
