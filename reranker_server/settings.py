@@ -90,6 +90,25 @@ class Settings(BaseSettings):
     )
     max_length: int = Field(512, ge=16, le=8192, description="Max tokens of query + document.")
 
+    # --- long documents (engine/windows.py)
+    long_documents: Literal["truncate", "chunk"] = Field(
+        "truncate",
+        description="Documents longer than fit beside the query: truncate (score the first "
+        "tokens) or chunk (score overlapping windows, keep the best); requests may choose.",
+    )
+    max_chunks_per_doc: int = Field(
+        10, ge=1, description="Most windows per document with chunk (requests may set fewer/more)."
+    )
+    max_windows_per_request: int = Field(
+        10_000, ge=1, description="Most windows (documents x chunks) in one request; past it: 422."
+    )
+    max_query_tokens: int = Field(
+        256, ge=1, description="Query tokens kept whole; a longer query is cut to this many."
+    )
+    chunk_overlap_tokens: int = Field(
+        64, ge=0, description="Tokens consecutive chunks share (at most half a window)."
+    )
+
     # --- limits
     max_documents: int = Field(1000, ge=1, description="Documents accepted per request.")
     max_document_chars: int = Field(20_000, ge=1, description="Characters per document.")

@@ -7,6 +7,8 @@ from typing import Literal
 
 Backend = Literal["gpu", "cpu"]
 FallbackReason = Literal["no_gpu", "low_vram", "cooldown", "oom", "cuda_error", "invalid_scores"]
+LongDocMode = Literal["truncate", "chunk"]
+KeepSide = Literal["start", "end"]
 
 
 @dataclass(frozen=True)
@@ -16,6 +18,9 @@ class ScoredDocument:
     index: int
     text: str
     score: float
+    # Characters [start, end) of the document that gave the score, when only part of it was
+    # scored (truncated, or the best chunk); None: the whole document.
+    window: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,8 @@ class RerankOutcome:
     fallback: FallbackReason | None = None
     documents: int = 0  # documents in the request
     tokens: int = 0  # tokens the stage-1 model processed (cache hits cost none)
+    windows: int = 0  # (query, window) pairs stage 1 ranked: documents, or more when chunked
+    pair_tokens: int = 0  # tokens of those pairs, cache hits included (the request's usage)
 
     @property
     def cache_hits(self) -> int:
@@ -53,3 +60,32 @@ class RerankOutcome:
     @property
     def cache_misses(self) -> int:
         return sum(s.documents - s.cached for s in self.stages if s.cached is not None)
+
+
+@dataclass(frozen=True)
+class LongDocPolicy:
+    """What to do with a document longer than fits beside the query in one model input.
+
+    `truncate`: score its first tokens that fit (its last ones with `keep="end"`). `chunk`: cut it
+    into overlapping windows that fit, score every window, the document's score is the best one.
+    `max_chunks`: most windows per document (the rest of the text is not scored); `max_tokens`:
+    only this many tokens of the document are considered (None: all). `max_windows`: most windows
+    in the whole request (past it the request is refused). `documents_field` names the documents
+    in error messages.
+    """
+
+    mode: LongDocMode = "truncate"
+    max_chunks: int = 10
+    max_tokens: int | None = None
+    keep: KeepSide = "start"
+    max_windows: int = 10_000
+    documents_field: str = "documents"
+
+
+@dataclass(frozen=True)
+class TextTokens:
+    """A text's tokens alone (no special tokens, not truncated): each token's character span and
+    the word it belongs to (None for a token outside any word)."""
+
+    spans: list[tuple[int, int]]
+    words: list[int | None]

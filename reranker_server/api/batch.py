@@ -65,7 +65,7 @@ async def rerank_batch(
     check_model(body.model, engine, settings)
     for item in body.requests:
         check_model(item.model, engine, settings)
-    jobs = [native_job(item, f"requests[{i}].") for i, item in enumerate(body.requests)]
+    jobs = [native_job(item, settings, f"requests[{i}].") for i, item in enumerate(body.requests)]
     outcomes = await rank_many(jobs, engine, pool, settings)
     return BatchRerankResponse(
         id=new_id(),

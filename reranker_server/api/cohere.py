@@ -18,6 +18,7 @@ from ..settings import Settings
 from ..types import RerankOutcome
 from .auth import API_KEY_REQUIRED
 from .deps import EngineDep, PoolDep, SettingsDep
+from .long_documents import MaxChunksPerDoc, MaxTokensPerDoc, long_doc_policy
 from .ranking import (
     RankJob,
     check_model,
@@ -28,6 +29,7 @@ from .ranking import (
     returned_document,
     search_units,
     served_model,
+    usage,
 )
 from .schemas import ERROR_RESPONSES, Documents, ModelName, RankFields, ReturnDocuments, TopN, Usage
 
@@ -55,10 +57,8 @@ class CohereRerankRequest(BaseModel):
     top_n: TopN
     rank_fields: RankFields
     return_documents: ReturnDocuments
-    max_chunks_per_doc: int | None = Field(None, description="Accepted and ignored.")
-    max_tokens_per_doc: int | None = Field(
-        None, description="Accepted; pairs are truncated to the server's max_length tokens."
-    )
+    max_chunks_per_doc: MaxChunksPerDoc
+    max_tokens_per_doc: MaxTokensPerDoc
     priority: int | None = Field(None, description="Accepted and ignored.")
 
 
@@ -80,9 +80,15 @@ class BilledUnits(BaseModel):
     search_units: int
 
 
+class MetaTokens(BaseModel):
+    input_tokens: int = Field(..., description="Tokens ranked (usage.total_tokens).")
+    output_tokens: int = 0
+
+
 class CohereMeta(BaseModel):
     api_version: ApiVersion
     billed_units: BilledUnits
+    tokens: MetaTokens
 
 
 class CohereRerankResponse(BaseModel):
@@ -120,9 +126,14 @@ async def answer_cohere(
 ) -> CohereRerankResponse:
     check_model(body.model, engine, settings)
     texts = document_texts(body.documents, body.rank_fields)
-    outcome = await rank(
-        RankJob(body.query, texts, result_count(body.top_n, len(texts))), engine, pool, settings
+    policy = long_doc_policy(
+        settings,
+        max_chunks=body.max_chunks_per_doc,
+        max_tokens=body.max_tokens_per_doc,
+        documents=len(texts),
     )
+    job = RankJob(body.query, texts, result_count(body.top_n, len(texts)), policy=policy)
+    outcome = await rank(job, engine, pool, settings)
     return to_cohere(outcome, body, version, engine)
 
 
@@ -149,6 +160,7 @@ def to_cohere(
         meta=CohereMeta(
             api_version=ApiVersion(version=version),
             billed_units=BilledUnits(search_units=search_units(count)),
+            tokens=MetaTokens(input_tokens=outcome.pair_tokens),
         ),
-        usage=Usage(documents=count, search_units=search_units(count)),
+        usage=usage(outcome, count),
     )

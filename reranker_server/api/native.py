@@ -14,9 +14,11 @@ from pydantic import Discriminator, Tag
 
 from ..engine.cascade import Engine
 from ..errors import InvalidRequestError
+from ..settings import Settings
 from ..types import RerankOutcome
 from .auth import API_KEY_REQUIRED
 from .deps import EngineDep, PoolDep, SettingsDep
+from .long_documents import long_doc_policy
 from .ranking import (
     RankJob,
     check_model,
@@ -25,8 +27,8 @@ from .ranking import (
     rank,
     result_count,
     returned_document,
-    search_units,
     served_model,
+    usage,
 )
 from .schemas import (
     ERROR_RESPONSES,
@@ -36,8 +38,8 @@ from .schemas import (
     RerankRequest,
     RerankResponse,
     RerankResult,
+    ScoredWindow,
     StageInfo,
-    Usage,
 )
 from .tei import TEI_EXAMPLE, TeiRank, TeiRerankRequest, answer_tei
 
@@ -86,12 +88,12 @@ async def rerank(
     if isinstance(body, TeiRerankRequest):
         return await answer_tei(body, engine, pool, settings)
     check_model(body.model, engine, settings)
-    job = native_job(body)
+    job = native_job(body, settings)
     outcome = await rank(job, engine, pool, settings)
     return to_native(outcome, engine, body)
 
 
-def native_job(body: RerankRequest, prefix: str = "") -> RankJob:
+def native_job(body: RerankRequest, settings: Settings, prefix: str = "") -> RankJob:
     """The engine's work for a native request; `prefix` locates it inside a batch."""
     texts = document_texts(body.documents, body.rank_fields, f"{prefix}documents")
     given = body.model_fields_set
@@ -105,12 +107,23 @@ def native_job(body: RerankRequest, prefix: str = "") -> RankJob:
         )
     else:
         top_k = result_count(body.top_n, len(texts))
+    policy = long_doc_policy(
+        settings,
+        mode=body.long_documents,
+        max_chunks=body.max_chunks_per_doc,
+        max_tokens=body.max_tokens_per_doc,
+        direction=body.truncation_direction,
+        documents=len(texts),
+        prefix=prefix,
+        documents_field=f"{prefix}documents",
+    )
     return RankJob(
         body.query,
         texts,
         min(top_k, len(texts)),
         query_field=f"{prefix}query",
         documents_field=f"{prefix}documents",
+        policy=policy,
     )
 
 
@@ -124,6 +137,11 @@ def to_native(outcome: RerankOutcome, engine: Engine, body: RerankRequest) -> Re
                 relevance_score=r.score,
                 document=returned_document(body.documents[r.index])
                 if body.return_documents
+                else None,
+                window=ScoredWindow(
+                    start=r.window[0], end=r.window[1], text=r.text[slice(*r.window)]
+                )
+                if body.return_window and r.window is not None
                 else None,
             )
             for r in outcome.results
@@ -142,5 +160,5 @@ def to_native(outcome: RerankOutcome, engine: Engine, body: RerankRequest) -> Re
         ],
         id=new_id(),
         model=served_model(outcome, engine),
-        usage=Usage(documents=len(body.documents), search_units=search_units(len(body.documents))),
+        usage=usage(outcome, len(body.documents)),
     )

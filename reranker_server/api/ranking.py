@@ -17,8 +17,9 @@ from ..engine.cascade import Engine
 from ..engine.pool import InferencePool
 from ..errors import InvalidRequestError, ModelNotFoundError
 from ..settings import Settings
-from ..types import RerankOutcome
+from ..types import LongDocPolicy, RerankOutcome
 from .limits import check_rerank_input
+from .schemas import Usage
 
 # raw_scores: logit(p) with p kept this far from 0 and 1 (|logit| <= 20.7).
 LOGIT_EPSILON = 1e-9
@@ -33,6 +34,7 @@ class RankJob:
     top_k: int
     query_field: str = "query"
     documents_field: str = "documents"
+    policy: LongDocPolicy | None = None  # long documents (None: the server's default)
 
     def check(self, settings: Settings) -> None:
         check_rerank_input(
@@ -106,6 +108,15 @@ def served_model(outcome: RerankOutcome, engine: Engine) -> str:
     return outcome.stages[-1].name if outcome.stages else engine.stage1.name
 
 
+def usage(outcome: RerankOutcome, documents: int) -> Usage:
+    """The `usage` of an answer: documents, Cohere's search units, tokens ranked."""
+    return Usage(
+        documents=documents,
+        search_units=search_units(documents),
+        total_tokens=outcome.pair_tokens,
+    )
+
+
 def search_units(documents: int) -> int:
     """Cohere's billing unit: one query with up to 100 documents."""
     return max(1, math.ceil(documents / 100))
@@ -126,7 +137,7 @@ async def rank(
 ) -> RerankOutcome:
     """Check the limits, then run the cascade in a worker thread."""
     job.check(settings)
-    return await pool.run(lambda: engine.rerank(job.query, job.texts, job.top_k))
+    return await pool.run(lambda: engine.rerank(job.query, job.texts, job.top_k, policy=job.policy))
 
 
 async def rank_many(
@@ -136,4 +147,5 @@ async def rank_many(
     for job in jobs:
         job.check(settings)
     work = [(job.query, job.texts, job.top_k) for job in jobs]
-    return await pool.run(lambda: engine.rerank_many(work))
+    policies = [job.policy for job in jobs]
+    return await pool.run(lambda: engine.rerank_many(work, policies))

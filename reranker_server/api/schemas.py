@@ -17,6 +17,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from .long_documents import LongDocuments, MaxChunksPerDoc, MaxTokensPerDoc, TruncationDirection
+
 # Tags of the request shapes `POST /rerank` accepts; validation errors leave them out of the field.
 NATIVE_SHAPE = "native"
 TEI_SHAPE = "tei"
@@ -143,6 +145,15 @@ class RerankRequest(BaseModel):
     model: ModelName
     rank_fields: RankFields
     return_documents: ReturnDocuments
+    long_documents: LongDocuments
+    max_chunks_per_doc: MaxChunksPerDoc
+    max_tokens_per_doc: MaxTokensPerDoc
+    truncation_direction: TruncationDirection
+    return_window: bool | None = Field(
+        None,
+        description="Add `window: {start, end, text}` to results whose score came from part of "
+        "the document (truncated, or its best chunk).",
+    )
 
 
 class RerankResult(BaseModel):
@@ -157,11 +168,28 @@ class RerankResult(BaseModel):
         exclude_if=lambda v: v is None,
         description="The document as sent (only with return_documents).",
     )
+    window: ScoredWindow | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="Only with return_window, for a document scored in part: the part that gave "
+        "the score.",
+    )
 
 
 class Usage(BaseModel):
     documents: int = Field(..., description="Documents ranked.")
     search_units: int = Field(..., description="Cohere's unit: one per 100 documents (min 1).")
+    total_tokens: int = Field(
+        0,
+        description="Tokens of the (query, document window) pairs stage 1 ranked, special "
+        "tokens included, counted with the stage-1 model's tokenizer (cache hits included).",
+    )
+
+
+class ScoredWindow(BaseModel):
+    start: int = Field(..., description="First character of the window in the document.")
+    end: int = Field(..., description="One past its last character.")
+    text: str
 
 
 class StageInfo(BaseModel):

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from ..engine.cascade import Engine
 from ..engine.pool import InferencePool
 from ..settings import Settings
+from ..types import LongDocMode
+from .long_documents import TruncationDirection, long_doc_policy
 from .ranking import RankJob, check_model, logit, rank
 from .schemas import ModelName, Texts
 
@@ -35,9 +37,11 @@ class TeiRerankRequest(BaseModel):
     )
     return_text: bool | None = Field(None, description="Add each text to its result.")
     truncate: bool | None = Field(
-        None, description="Accepted; pairs are always truncated to max_length tokens."
+        None,
+        description="true: truncate texts too long for the model; false: score them in windows "
+        "(the best one counts). Null: the server's default (long_documents).",
     )
-    truncation_direction: str | None = Field(None, description="Accepted and ignored.")
+    truncation_direction: TruncationDirection
     model: ModelName
 
 
@@ -51,7 +55,13 @@ async def answer_tei(
     body: TeiRerankRequest, engine: Engine, pool: InferencePool, settings: Settings
 ) -> list[TeiRank]:
     check_model(body.model, engine, settings)
-    job = RankJob(body.query, body.texts, len(body.texts), documents_field="texts")
+    mode: LongDocMode | None = (
+        None if body.truncate is None else ("truncate" if body.truncate else "chunk")
+    )
+    policy = long_doc_policy(
+        settings, mode=mode, direction=body.truncation_direction, documents_field="texts"
+    )
+    job = RankJob(body.query, body.texts, len(body.texts), documents_field="texts", policy=policy)
     outcome = await rank(job, engine, pool, settings)
     return [
         TeiRank(

@@ -17,9 +17,17 @@ from collections.abc import Callable, Mapping, Sequence
 from ..devices import GpuGate
 from ..errors import InferenceError
 from ..runners.base import Runner
-from ..types import Backend, FallbackReason, RerankOutcome, ScoredDocument, StageReport
+from ..types import (
+    Backend,
+    FallbackReason,
+    LongDocPolicy,
+    RerankOutcome,
+    ScoredDocument,
+    StageReport,
+)
 from .cache import ScoreCache, namespace, pair_keys
 from .trace import current_trace
+from .windows import Windower, WindowPlan
 
 TokenCounter = Callable[[str, Sequence[str]], int]
 
@@ -54,11 +62,16 @@ class Engine:
         cache: ScoreCache | None = None,
         cache_namespaces: Mapping[str, str] | None = None,
         count_tokens: TokenCounter | None = None,
+        windows: Windower | None = None,
+        long_documents: LongDocPolicy | None = None,
     ) -> None:
         """`cache`: score cache (None: none). `cache_namespaces`: "stage1", "stage2_gpu",
         "stage2_cpu" -> namespace naming the model identity and its settings (the loader passes
         file fingerprints; by default the runner's name and device). `count_tokens(query, docs)`:
-        tokens of the pairs stage 1 scores, for metrics and logs (None: not counted)."""
+        tokens of the pairs stage 1 scores, for metrics and logs (None: not counted).
+        `windows`: cuts long documents per `LongDocPolicy` (engine/windows.py; it also counts the
+        tokens); None: documents go to the runners whole. `long_documents`: the policy of
+        requests that bring none."""
         self.stage1 = stage1
         self.stage2_gpu = stage2_gpu
         self.stage2_cpu = stage2_cpu
@@ -66,6 +79,8 @@ class Engine:
         self.candidates = candidates
         self.cache = cache
         self._count_tokens = count_tokens
+        self.windows = windows
+        self.long_documents = long_documents or LongDocPolicy()
         self._namespaces = {
             role: namespace(role, runner.name, runner.device)
             for role, runner in (
@@ -78,38 +93,59 @@ class Engine:
         self._namespaces.update(cache_namespaces or {})
 
     def rerank(
-        self, query: str, documents: Sequence[str], top_k: int, *, use_cache: bool = True
+        self,
+        query: str,
+        documents: Sequence[str],
+        top_k: int,
+        *,
+        use_cache: bool = True,
+        policy: LongDocPolicy | None = None,
     ) -> RerankOutcome:
         """Best `min(top_k, len(documents))` documents, best first.
 
         `use_cache=False` (or a request trace that opted out) neither reads nor writes the cache.
+        `policy`: what to do with documents too long for the model (None: the engine's default).
         """
         trace = current_trace.get()
         if trace is not None:
             use_cache = use_cache and trace.use_cache
             trace.top_k, trace.query, trace.documents = top_k, query, documents
-        outcome = self._rerank(query, documents, top_k, use_cache and self.cache is not None)
+        plan = (
+            self.windows.plan(query, documents, policy or self.long_documents)
+            if self.windows is not None and documents
+            else WindowPlan.whole(query, documents)
+        )
+        outcome = self._rerank(plan, documents, top_k, use_cache and self.cache is not None)
         if trace is not None:
             trace.outcomes.append(outcome)
         return outcome
 
     def _rerank(
-        self, query: str, documents: Sequence[str], top_k: int, use_cache: bool
+        self, plan: WindowPlan, documents: Sequence[str], top_k: int, use_cache: bool
     ) -> RerankOutcome:
+        """The cascade over `plan`'s windows; a document's score is its best window's."""
         if not documents:
             return RerankOutcome(results=[], backend="cpu")
-        first, report, tokens = self._run(self.stage1, "stage1", query, documents, use_cache)
+        query = plan.query
+        window_scores, report, tokens = self._run(
+            self.stage1, "stage1", query, plan.texts, use_cache, plan.pair_tokens
+        )
         stages = [report]
+        best = plan.best(range(len(plan.texts)), window_scores)
 
-        keep = _rank(first)[: max(self.candidates, top_k)]
-        texts = [documents[i] for i in keep]
-        scores, fallback = self._stage2(query, texts, stages, use_cache)
+        keep = _rank([best[i][0] for i in range(len(documents))])[: max(self.candidates, top_k)]
+        picked = [w for i in keep for w in plan.windows_of[i]]  # every window of each candidate
+        scores, fallback = self._stage2(query, [plan.texts[w] for w in picked], stages, use_cache)
         if scores is None:  # stage 1's order is the answer
-            order, by_index = keep, {i: first[i] for i in keep}
+            order = keep
         else:
-            order, by_index = [keep[j] for j in _rank(scores)], dict(zip(keep, scores, strict=True))
+            best = plan.best(picked, scores)
+            order = [keep[j] for j in _rank([best[i][0] for i in keep])]
 
-        results = [ScoredDocument(i, documents[i], by_index[i]) for i in order[:top_k]]
+        results = [
+            ScoredDocument(i, documents[i], best[i][0], plan.spans[best[i][1]])
+            for i in order[:top_k]
+        ]
         backend: Backend = "gpu" if scores is not None and fallback is None else "cpu"
         return RerankOutcome(
             results=results,
@@ -118,15 +154,26 @@ class Engine:
             fallback=fallback,
             documents=len(documents),
             tokens=tokens,
+            windows=len(plan.texts),
+            pair_tokens=sum(plan.pair_tokens or ()),
         )
 
-    def rerank_many(self, jobs: Sequence[tuple[str, Sequence[str], int]]) -> list[RerankOutcome]:
-        """`rerank` for several (query, documents, top_k) in one call, answered in order.
+    def rerank_many(
+        self,
+        jobs: Sequence[tuple[str, Sequence[str], int]],
+        policies: Sequence[LongDocPolicy | None] | None = None,
+    ) -> list[RerankOutcome]:
+        """`rerank` for several (query, documents, top_k) in one call, answered in order
+        (`policies`: one per job, None: the engine's default).
 
         The HTTP batch route runs this as one unit of work in the pool, so a batch takes one queue
         slot and one worker instead of competing with itself.
         """
-        return [self.rerank(query, documents, top_k) for query, documents, top_k in jobs]
+        each = policies if policies is not None else [None] * len(jobs)
+        return [
+            self.rerank(query, documents, top_k, policy=policy)
+            for (query, documents, top_k), policy in zip(jobs, each, strict=True)
+        ]
 
     def _stage2(
         self, query: str, texts: list[str], stages: list[StageReport], use_cache: bool
@@ -169,10 +216,17 @@ class Engine:
         return kind
 
     def _run(
-        self, runner: Runner, role: str, query: str, texts: Sequence[str], use_cache: bool
+        self,
+        runner: Runner,
+        role: str,
+        query: str,
+        texts: Sequence[str],
+        use_cache: bool,
+        pair_tokens: Sequence[int] | None = None,
     ) -> tuple[list[float], StageReport, int]:
         """Scores of `texts` (cached ones looked up, the rest from `runner`), the stage's report
-        and the tokens the model processed (stage 1 only, when counted)."""
+        and the tokens the model processed (stage 1 only, when counted; `pair_tokens`: each
+        pair's tokens, already counted)."""
         started = time.perf_counter()
         keys: list[str] = []
         found: list[float | None] = [None] * len(texts)
@@ -193,7 +247,9 @@ class Engine:
                 raise InferenceError(
                     f"the {runner.name} model failed: {type(exc).__name__}"
                 ) from exc
-            if role == "stage1" and self._count_tokens is not None:
+            if role == "stage1" and pair_tokens is not None:
+                tokens = sum(pair_tokens[i] for i in missing)
+            elif role == "stage1" and self._count_tokens is not None:
                 tokens = self._count_tokens(query, todo)
             if keys and self.cache is not None:
                 self.cache.set_many({keys[i]: s for i, s in zip(missing, fresh, strict=True)})

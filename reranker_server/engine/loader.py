@@ -13,8 +13,10 @@ from ..errors import ModelLoadError
 from ..model_store import stage1_files, stage2_path
 from ..runners.base import Runner
 from ..settings import Settings
+from ..types import LongDocPolicy
 from .cache import MemoryScoreCache, RedisScoreCache, ScoreCache, namespace
 from .cascade import Engine
+from .windows import Windower
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +93,12 @@ def load_engine(
         candidates=settings.candidates,
         cache=cache,
         cache_namespaces=namespaces,
-        count_tokens=lambda query, docs: sum(len(e.ids) for e in stage1.tokenize(query, docs)),
+        windows=Windower(
+            stage1,
+            max_query_tokens=settings.max_query_tokens,
+            overlap_tokens=settings.chunk_overlap_tokens,
+        ),
+        long_documents=default_policy(settings),
     )
     if settings.warmup:
         warm_up(engine)
@@ -102,6 +109,15 @@ def load_engine(
         stage2_gpu.device if stage2_gpu else ("cpu" if stage2_cpu else "off"),
     )
     return engine
+
+
+def default_policy(settings: Settings) -> LongDocPolicy:
+    """What requests that say nothing about long documents get."""
+    return LongDocPolicy(
+        mode=settings.long_documents,
+        max_chunks=settings.max_chunks_per_doc,
+        max_windows=settings.max_windows_per_request,
+    )
 
 
 def build_cache(settings: Settings) -> ScoreCache | None:

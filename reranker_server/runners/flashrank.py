@@ -17,6 +17,8 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import AddedToken, Encoding, Tokenizer
 
+from ..types import TextTokens
+
 
 def load_flashrank_tokenizer(directory: Path, max_length: int) -> tuple[Tokenizer, int]:
     """The tokenizer as FlashRank configures it (truncation, special tokens); returns pad id too."""
@@ -75,6 +77,11 @@ class FlashRankRunner:
         self.name = directory.name
         self._batch_tokens = batch_tokens
         self._tokenizer, self._pad_id = load_flashrank_tokenizer(directory, max_length)
+        truncation = self._tokenizer.truncation or {}
+        self.max_length: int = int(truncation.get("max_length", max_length))  # query + document
+        self.pair_special_tokens: int = self._tokenizer.num_special_tokens_to_add(True)
+        self._untruncated = Tokenizer.from_str(self._tokenizer.to_str())
+        self._untruncated.no_truncation()
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -87,6 +94,12 @@ class FlashRankRunner:
     def tokenize(self, query: str, documents: Sequence[str]) -> list[Encoding]:
         """Encode (query, document) pairs, truncated, unpadded."""
         return list(self._tokenizer.encode_batch([(query, doc) for doc in documents]))
+
+    def encode_texts(self, texts: Sequence[str]) -> list[TextTokens]:
+        """Each text alone, untruncated, without special tokens: token spans and words (the
+        engine cuts long documents into windows with these, see engine/windows.py)."""
+        encodings = self._untruncated.encode_batch(list(texts), add_special_tokens=False)
+        return [TextTokens(e.offsets, e.word_ids) for e in encodings]
 
     def score(self, query: str, documents: Sequence[str]) -> list[float]:
         if not documents:

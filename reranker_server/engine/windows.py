@@ -1,0 +1,197 @@
+"""Long documents: the windows of text each stage scores (per request, see `LongDocPolicy`).
+
+A cross-encoder reads at most `max_length` tokens of query + document. `Windower.plan` tokenizes
+the query once and every document once with the stage-1 model's tokenizer, then turns each
+document into the texts the stages score:
+
+- a document that fits beside the query is scored whole;
+- `truncate`: one window, the document's first tokens that fit (its last ones with keep="end");
+- `chunk`: overlapping windows that fit, at most `max_chunks`; the document's score is its best
+  window's score (`WindowPlan.best`), in stage 1 and again in stage 2.
+
+Windows are substrings of the document cut at word boundaries, so tokenizing a window again gives
+exactly its tokens: the runners keep their contract (query + texts -> scores), the score cache keys
+on the window text, and a stage-2 model with the same vocabulary sees the same window. A query
+longer than `max_query_tokens` is cut to that many tokens; the document gets the rest.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..errors import InvalidRequestError
+from ..types import LongDocPolicy, TextTokens
+
+Span = tuple[int, int]
+
+
+class TextEncoder(Protocol):
+    """The tokenizer side of the stage-1 runner (FlashRankRunner has it)."""
+
+    max_length: int  # tokens of query + document, special tokens included
+    pair_special_tokens: int  # special tokens a (query, document) pair adds
+
+    def encode_texts(self, texts: Sequence[str]) -> list[TextTokens]: ...
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """What the stages score for one request: every window of every document, in order."""
+
+    query: str  # the query as scored (cut to max_query_tokens when longer)
+    texts: list[str]  # window texts
+    owners: list[int]  # the document each window belongs to
+    spans: list[Span | None]  # characters of each window in its document; None: all of it
+    windows_of: list[list[int]]  # per document, the positions of its windows
+    pair_tokens: list[int] | None = None  # tokens of each (query, window) pair; None: not counted
+
+    @classmethod
+    def whole(cls, query: str, documents: Sequence[str]) -> WindowPlan:
+        """Every document scored whole, as it is (no tokenizer: the runners truncate)."""
+        count = len(documents)
+        return cls(
+            query, list(documents), list(range(count)), [None] * count, [[i] for i in range(count)]
+        )
+
+    def best(
+        self, positions: Sequence[int], scores: Sequence[float]
+    ) -> dict[int, tuple[float, int]]:
+        """Per document: the best score among the scored windows `positions` and that window
+        (the first on ties)."""
+        found: dict[int, tuple[float, int]] = {}
+        for window, score in zip(positions, scores, strict=True):
+            doc = self.owners[window]
+            if doc not in found or score > found[doc][0]:
+                found[doc] = (score, window)
+        return found
+
+
+class Windower:
+    """Plans the windows of a request with the stage-1 tokenizer."""
+
+    def __init__(
+        self, encoder: TextEncoder, *, max_query_tokens: int = 256, overlap_tokens: int = 64
+    ) -> None:
+        self.encoder = encoder
+        room = encoder.max_length - encoder.pair_special_tokens
+        self.max_query_tokens = max(1, min(max_query_tokens, room - 1))
+        self.overlap_tokens = max(0, overlap_tokens)
+
+    def plan(self, query: str, documents: Sequence[str], policy: LongDocPolicy) -> WindowPlan:
+        """The windows of `documents` under `policy`; InvalidRequestError past `max_windows`."""
+        (query_tokens,) = self.encoder.encode_texts([query])  # the query, once per request
+        query, query_length = self._capped_query(query, query_tokens)
+        overhead = query_length + self.encoder.pair_special_tokens
+        budget = max(1, self.encoder.max_length - overhead)
+        texts: list[str] = []
+        owners: list[int] = []
+        spans: list[Span | None] = []
+        windows_of: list[list[int]] = []
+        pair_tokens: list[int] = []
+        for index, (doc, tokens) in enumerate(
+            zip(documents, self.encoder.encode_texts(documents), strict=True)
+        ):
+            ranges = token_windows(tokens.words, budget, self.overlap_tokens, policy)
+            mine = list(range(len(texts), len(texts) + max(1, len(ranges or ()))))
+            if len(texts) + len(mine) > policy.max_windows:
+                raise _too_many_windows(documents, index, budget, policy)
+            windows_of.append(mine)
+            if ranges is None:
+                texts.append(doc)
+                owners.append(index)
+                spans.append(None)
+                pair_tokens.append(overhead + len(tokens.words))
+                continue
+            for start, end in ranges:
+                chars = (tokens.spans[start][0], tokens.spans[end - 1][1])
+                texts.append(doc[chars[0] : chars[1]])
+                owners.append(index)
+                spans.append(chars)
+                pair_tokens.append(overhead + end - start)
+        return WindowPlan(query, texts, owners, spans, windows_of, pair_tokens)
+
+    def _capped_query(self, query: str, tokens: TextTokens) -> tuple[str, int]:
+        """The query, cut to `max_query_tokens` at a word boundary when longer; its length."""
+        length = len(tokens.words)
+        if length <= self.max_query_tokens:
+            return query, length
+        cuts = word_cuts(tokens.words)
+        end = _floor(cuts, self.max_query_tokens, 0) or self.max_query_tokens
+        return query[: tokens.spans[end - 1][1]], end
+
+
+def _too_many_windows(
+    documents: Sequence[str], index: int, budget: int, policy: LongDocPolicy
+) -> InvalidRequestError:
+    field = policy.documents_field
+    return InvalidRequestError(
+        f"{field} would need more than {policy.max_windows} windows of {budget} tokens (reached "
+        f"at {field}[{index}] of {len(documents)}); the limit is {policy.max_windows} windows per "
+        "request (max_windows_per_request): send fewer or shorter documents, a lower "
+        "max_chunks_per_doc, or long_documents=truncate",
+        field=field,
+    )
+
+
+def word_cuts(words: Sequence[int | None]) -> list[int]:
+    """Token positions where a text can be cut without splitting a word: 0, every word's first
+    token, and the end."""
+    cuts = [0]
+    cuts += [p for p in range(1, len(words)) if words[p] is None or words[p] != words[p - 1]]
+    if words:
+        cuts.append(len(words))
+    return cuts
+
+
+def _floor(cuts: Sequence[int], limit: int, above: int) -> int | None:
+    """The largest cut in (above, limit], or None."""
+    i = bisect.bisect_right(cuts, limit) - 1
+    return cuts[i] if i >= 0 and cuts[i] > above else None
+
+
+def _ceil(cuts: Sequence[int], limit: int, below: int) -> int | None:
+    """The smallest cut in [limit, below), or None."""
+    i = bisect.bisect_left(cuts, limit)
+    return cuts[i] if i < len(cuts) and cuts[i] < below else None
+
+
+def token_windows(
+    words: Sequence[int | None], budget: int, overlap: int, policy: LongDocPolicy
+) -> list[Span] | None:
+    """Token ranges [start, end) of a text's windows, each at most `budget` tokens and cut at
+    word boundaries where one exists; None when the whole text is scored as it is."""
+    length = len(words)
+    limit = policy.max_tokens if policy.max_tokens is not None else length
+    if length <= min(budget, limit):
+        return None
+    if policy.keep == "end":  # the same walk on the mirrored text
+        mirrored = [None if w is None else -w for w in reversed(words)]
+        forward = token_windows(mirrored, budget, overlap, _keep_start(policy)) or []
+        return [(length - end, length - start) for start, end in reversed(forward)]
+    cuts = word_cuts(words)
+    stop = length if limit >= length else (_floor(cuts, limit, 0) or limit)
+    if policy.mode == "truncate":
+        return [(0, min(stop, _floor(cuts, budget, 0) or budget))]
+    overlap = min(overlap, budget // 2)
+    ranges: list[Span] = []
+    start = 0
+    while True:
+        end = min(stop, _floor(cuts, start + budget, start) or start + budget)
+        ranges.append((start, end))
+        if end >= stop or len(ranges) >= policy.max_chunks:
+            return ranges
+        start = min(end, _ceil(cuts, max(end - overlap, start + 1), end + 1) or end)
+
+
+def _keep_start(policy: LongDocPolicy) -> LongDocPolicy:
+    return LongDocPolicy(
+        mode=policy.mode,
+        max_chunks=policy.max_chunks,
+        max_tokens=policy.max_tokens,
+        keep="start",
+        max_windows=policy.max_windows,
+        documents_field=policy.documents_field,
+    )
