@@ -20,6 +20,8 @@ from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
+SECRET_SETTINGS = frozenset({"api_key"})
+
 
 def configure_logging(level: str, log_format: str = "text") -> None:
     """Log lines on stderr, JSON or plain text, unless the host program already configured
@@ -36,6 +38,8 @@ def configure_logging(level: str, log_format: str = "text") -> None:
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
+        if name in SECRET_SETTINGS:
+            continue  # visible in `ps`: use the environment or --api-key-file
         flag = "--" + name.replace("_", "-")
         help_text = f"{field.description or ''} [env RERANKER_{name.upper()}]"
         if field.annotation is bool:
@@ -57,17 +61,21 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reranker-server", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="reranker-server", description=__doc__, allow_abbrev=False
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="start the HTTP server")
+    serve = commands.add_parser("serve", help="start the HTTP server", allow_abbrev=False)
     _add_setting_flags(serve)
 
-    download = commands.add_parser("download", help="fetch both models into the cache")
+    download = commands.add_parser(
+        "download", help="fetch both models into the cache", allow_abbrev=False
+    )
     _add_setting_flags(download)
 
     make = commands.add_parser(
-        "make-test-models", help="write tiny random models for offline tests"
+        "make-test-models", help="write tiny random models for offline tests", allow_abbrev=False
     )
     make.add_argument("directory", type=Path)
     make.add_argument(

@@ -24,7 +24,7 @@ from .errors import RerankerError
 from .types import ScoredDocument, StageReport
 
 DEFAULT_BASE_URL = "http://localhost:5200"
-DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_TIMEOUT_S = 130.0  # above the server's default request timeout (120 s)
 
 __all__ = [
     "AsyncRerankerClient",

@@ -31,6 +31,7 @@ FLASHRANK_REQUIRED = (
     "special_tokens_map.json",
 )
 HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.model"]
+MAX_UNPACKED_BYTES = 4 * 2**30  # FlashRank's largest pairwise archive unpacks to well under 1 GB
 HUB_IGNORE = ["onnx/*", "openvino/*", "*/onnx/*", "*/openvino/*"]
 
 
@@ -120,6 +121,9 @@ def _download_flashrank(url: str, name: str, target: Path, timeout_s: float) -> 
             with zipfile.ZipFile(archive) as zipped:
                 if zipped.testzip() is not None:
                     raise OSError("corrupt archive")
+                unpacked_size = sum(info.file_size for info in zipped.infolist())
+                if unpacked_size > MAX_UNPACKED_BYTES:
+                    raise OSError(f"archive unpacks to {unpacked_size} bytes (a zip bomb?)")
                 zipped.extractall(tmp)
         except (OSError, requests.RequestException, zipfile.BadZipFile) as exc:
             raise ModelLoadError(
@@ -129,13 +133,23 @@ def _download_flashrank(url: str, name: str, target: Path, timeout_s: float) -> 
         unpacked = Path(tmp) / name
         _flashrank_files(unpacked)  # verify before it becomes visible
         (unpacked / COMPLETE_MARKER).write_text("ok\n", encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        unpacked.rename(target)
+        try:
+            unpacked.rename(target)
+        except OSError:
+            if not (target / COMPLETE_MARKER).is_file():
+                shutil.rmtree(target, ignore_errors=True)  # a stale, incomplete copy
+                unpacked.rename(target)
+            # else: another replica on the same volume finished first; keep its copy
 
 
 def resolve_stage2(
-    name: str, cache_dir: Path, *, offline: bool, timeout_s: float, endpoint: str | None = None
+    name: str,
+    cache_dir: Path,
+    *,
+    offline: bool,
+    timeout_s: float,
+    endpoint: str | None = None,
+    trust_remote_code: bool = False,
 ) -> str:
     """A local cross-encoder directory, or a hub id fetched into the cache."""
     local = Path(name).expanduser()
@@ -154,7 +168,8 @@ def resolve_stage2(
             name,
             cache_dir=hub_cache,
             local_files_only=offline,
-            allow_patterns=HUB_PATTERNS,
+            # a repository's own Python code only when the settings trust it
+            allow_patterns=HUB_PATTERNS + (["*.py"] if trust_remote_code else []),
             ignore_patterns=HUB_IGNORE,
             etag_timeout=timeout_s,
             endpoint=endpoint,
@@ -188,4 +203,5 @@ def stage2_path(settings: Settings) -> str:
         offline=settings.offline,
         timeout_s=settings.download_timeout_s,
         endpoint=settings.hub_endpoint,
+        trust_remote_code=settings.trust_remote_code,
     )

@@ -16,7 +16,10 @@ DEFAULT_STAGE2_MODEL = "cross-encoder/ms-marco-MiniLM-L-6-v2"
 class Settings(BaseSettings):
     """Every knob of the server. Environment variables are `RERANKER_<NAME>`."""
 
-    model_config = SettingsConfigDict(env_prefix="RERANKER_", extra="ignore")
+    # hide_input_in_errors: a rejected value (a Redis URL with a password, a key) is never echoed
+    model_config = SettingsConfigDict(
+        env_prefix="RERANKER_", extra="ignore", hide_input_in_errors=True
+    )
 
     # --- network
     host: str = Field("0.0.0.0", description="Interface to listen on.")
@@ -167,6 +170,7 @@ class Settings(BaseSettings):
     )
     cache_url: str | None = Field(
         None,
+        repr=False,  # may carry a password
         description="redis://host:port/db to share the cache between replicas (unset: in-process "
         "cache). Redis being down means no cache, never a failed request.",
     )

@@ -71,8 +71,9 @@ def test_the_key_is_checked_before_the_body(keyed_server: str) -> None:
     assert response.status_code == 401
     # not even read: malformed or oversized bodies without the key get 401, not 400 / 413
     for content in (b'{"broken', b"x" * (32 * 1024 * 1024)):
-        unread = httpx.post(f"{keyed_server}/rerank", content=content,
-                            headers={"Content-Type": "application/json"})
+        unread = httpx.post(
+            f"{keyed_server}/rerank", content=content, headers={"Content-Type": "application/json"}
+        )
         assert unread.status_code == 401 and unread.headers["WWW-Authenticate"] == "Bearer"
     scheme = httpx.post(
         f"{keyed_server}/rerank",

@@ -27,8 +27,9 @@ def test_detects_the_gpu_and_reports_memory() -> None:
     assert acc.name()
 
 
-def test_engine_uses_the_gpu(make_settings: Callable[..., Settings],
-                             tiny_models: TestModelPaths) -> None:
+def test_engine_uses_the_gpu(
+    make_settings: Callable[..., Settings], tiny_models: TestModelPaths
+) -> None:
     engine = load_engine(make_settings(device="auto", min_free_vram_mb=1))
     out = engine.rerank(QUERY, DOCS, top_k=3)
     assert (out.backend, out.fallback) == ("gpu", None)
@@ -40,8 +41,7 @@ def test_engine_uses_the_gpu(make_settings: Callable[..., Settings],
 
 
 def test_real_oom_falls_back_to_stage1(make_settings: Callable[..., Settings]) -> None:
-    engine = load_engine(make_settings(device="cuda:0", min_free_vram_mb=1,
-                                       stage2_batch_size=64))
+    engine = load_engine(make_settings(device="cuda:0", min_free_vram_mb=1, stage2_batch_size=64))
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(1e-6, 0)
     try:

@@ -73,9 +73,7 @@ def test_async_retriever_returns_the_same(keyword_url: str, store: InMemoryVecto
     assert [d.metadata["relevance_score"] for d in found] == server_scores(keyword_url, BEST_TEXTS)
 
 
-def test_compressor_with_the_generated_models(
-    tiny_models: TestModelPaths, tmp_path: Path
-) -> None:
+def test_compressor_with_the_generated_models(tiny_models: TestModelPaths, tmp_path: Path) -> None:
     settings = Settings(
         stage1_model=str(tiny_models.stage1),
         stage2_model=str(tiny_models.stage2),

@@ -121,13 +121,24 @@ def test_unknown_names_and_offline_misses_are_one_clear_line(tmp_path: Path) -> 
 
 
 def test_download_command_fetches_both_and_says_where(
-    model_host: ModelHost, tiny_models: TestModelPaths, tmp_path: Path,
+    model_host: ModelHost,
+    tiny_models: TestModelPaths,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from reranker_server.cli import main
 
-    argv = ["download", "--stage1-model", NAME, "--flashrank-base-url", model_host.url,
-            "--stage2-model", str(tiny_models.stage2), "--model-cache-dir", str(tmp_path)]
+    argv = [
+        "download",
+        "--stage1-model",
+        NAME,
+        "--flashrank-base-url",
+        model_host.url,
+        "--stage2-model",
+        str(tiny_models.stage2),
+        "--model-cache-dir",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert f"stage 1: {NAME} -> {tmp_path / 'flashrank' / NAME}" in out
@@ -135,3 +146,26 @@ def test_download_command_fetches_both_and_says_where(
     model_host.archive = b"not a zip"
     assert main([*argv, "--model-cache-dir", str(tmp_path / "other")]) == 1
     assert "could not be downloaded" in capsys.readouterr().err
+
+
+def test_a_copy_finished_by_another_replica_is_kept(model_host: ModelHost, tmp_path: Path) -> None:
+    from reranker_server import model_store
+
+    target = tmp_path / "flashrank" / NAME
+    first = resolve_stage1(NAME, tmp_path, offline=False, timeout_s=10, base_url=model_host.url)
+    marker_time = (first.directory / COMPLETE_MARKER).stat().st_mtime_ns
+    # a second replica that started before the first finished downloads too, then finds it done
+    model_store._download_flashrank(f"{model_host.url}/{NAME}.zip", NAME, target, 10)
+    assert (target / COMPLETE_MARKER).stat().st_mtime_ns == marker_time
+    assert [p.name for p in (tmp_path / "flashrank").iterdir()] == [NAME]
+
+
+def test_an_archive_that_unpacks_too_big_is_refused(
+    model_host: ModelHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reranker_server import model_store
+
+    monkeypatch.setattr(model_store, "MAX_UNPACKED_BYTES", 1000)
+    with pytest.raises(ModelLoadError, match="zip bomb"):
+        resolve_stage1(NAME, tmp_path, offline=False, timeout_s=10, base_url=model_host.url)
+    assert list((tmp_path / "flashrank").iterdir()) == []

@@ -104,3 +104,14 @@ def test_four_times_capacity_gets_only_200_or_429_and_bounded_latency(
     assert len(admitted) >= 3 * 4 and refused and all(r and int(r) >= 1 for r in refused)
     # an admitted request waits for at most the queue ahead of it: (capacity) x service time
     assert max(admitted) < 4 * service_s + 1.0, max(admitted)
+
+
+def test_a_full_queue_is_still_ready(make_settings: Callable[..., Settings]) -> None:
+    app, runner = slow_app(make_settings, 1.0, workers=1, max_queue=0)
+    with running(app) as url:
+        busy = threading.Thread(target=lambda: httpx.post(f"{url}/rerank", json=BODY, timeout=30))
+        busy.start()
+        assert runner.running.wait(5)
+        assert httpx.post(f"{url}/rerank", json=BODY).status_code == 429  # the queue is full
+        assert httpx.get(f"{url}/health/ready").json() == {"status": "ready"}
+        busy.join()

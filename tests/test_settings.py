@@ -76,3 +76,17 @@ def test_ci_installs_the_pinned_cpu_torch_and_runs_the_readme_command() -> None:
     command = next(line.strip() for line in ci.splitlines() if line.startswith("python3 -m venv"))
     assert "pip install torch==2.13.0" in command
     assert f"    {command}\n" in readme
+
+
+def test_secrets_stay_out_of_repr_and_errors() -> None:
+    s = Settings(cache_url="redis://:hunter2@cache:6379/0", api_key="k3y-s3cret")
+    assert "hunter2" not in repr(s) and "k3y-s3cret" not in repr(s)
+    with pytest.raises(ValidationError) as info:
+        Settings(cache_url="valkey://:hunter2@cache:6379/0")
+    assert "hunter2" not in str(info.value)
+
+
+def test_the_api_key_is_no_command_line_flag() -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--api-key", "visible-in-ps"])
+    assert build_parser().parse_args(["serve", "--api-key-file", "/run/secrets/k"])

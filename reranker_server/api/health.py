@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
 
 from ..errors import NotReadyError
-from .deps import PoolDep
 from .schemas import HealthResponse
 
 router = APIRouter(tags=["health"])
+
+READY_TIMEOUT_S = 10.0
 
 
 @router.get("/health", response_model=HealthResponse)
@@ -28,7 +30,8 @@ async def health(request: Request) -> dict[str, Any]:
         stage2 = engine.stage2_gpu or engine.stage2_cpu
         info["stage2_model"] = stage2.name if stage2 else None
         info["stage2_device"] = stage2.device if stage2 else None
-        info.update(engine.gate.state())
+        # GPU queries off the event loop: a wedged CUDA context must not freeze the server
+        info.update(await asyncio.to_thread(engine.gate.state))
         info["in_flight"] = request.app.state.pool.pending
     return info
 
@@ -40,10 +43,16 @@ async def live() -> dict[str, str]:
 
 
 @router.get("/health/ready")
-async def ready(request: Request, pool: PoolDep) -> dict[str, str]:
-    """Readiness: one pair through stage 1, through the same queue as real requests."""
+async def ready(request: Request) -> dict[str, str]:
+    """Readiness: one pair through stage 1. Not through the request queue: a busy server is
+    still ready (else an orchestrator would pull every replica out at peak load)."""
     engine = getattr(request.app.state, "engine", None)
     if engine is None:
         raise NotReadyError("models are not loaded yet")
-    await pool.run(lambda: engine.stage1.score("ready", ["ready"]))
+    try:
+        await asyncio.wait_for(
+            asyncio.to_thread(engine.stage1.score, "ready", ["ready"]), READY_TIMEOUT_S
+        )
+    except TimeoutError as exc:
+        raise NotReadyError(f"stage 1 did not answer within {READY_TIMEOUT_S:g} s") from exc
     return {"status": "ready"}

@@ -220,7 +220,7 @@ class RerankResponse(BaseModel):
 class HealthResponse(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    status: Literal["ok", "loading", "error"]
+    status: Literal["ok", "loading"]
     cuda_available: bool
     gpu_model_loaded: bool
 

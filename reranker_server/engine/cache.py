@@ -213,7 +213,7 @@ class RedisScoreCache:
             self._failed(exc)
             return [None] * len(keys)
         self._worked()
-        return [None if v is None else float(v) for v in values]
+        return [_as_score(v) for v in values]
 
     def set_many(self, items: Mapping[str, float]) -> None:
         if not items or not self._usable():
@@ -235,3 +235,14 @@ class RedisScoreCache:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _as_score(value: object) -> float | None:
+    """A stored score, or None (a miss) for anything that is not one."""
+    if value is None:
+        return None
+    try:
+        score = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return score if 0.0 <= score <= 1.0 else None

@@ -55,6 +55,7 @@ def load_engine(
     gate = GpuGate(accelerator, settings.min_free_vram_mb, settings.gpu_cooldown_s)
     stage2_gpu: Runner | None = None
     stage2_cpu: Runner | None = None
+    path = ""
     if accelerator is not None or settings.stage2_on_cpu:
         path = stage2_path(settings)
         if accelerator is not None:
@@ -79,10 +80,10 @@ def load_engine(
             if runner is not None:
                 namespaces[role] = namespace(
                     "stage2",
-                    f"{runner.name}@{fingerprint(Path(stage2_path(settings)))}",
+                    f"{runner.name}@{fingerprint(Path(path))}",
                     runner.device,
                     max_length=settings.max_length,
-                    batch_size=settings.stage2_batch_size,
+                    precision=getattr(runner, "precision", "fp32"),  # fp16 scores differ a bit
                 )
 
     engine = Engine(
