@@ -136,6 +136,7 @@ class Scheduler:
         self._closed = False
         self._busy = 0
         self.batches = 0  # model calls made, for tests and metrics
+        self.submitted = 0  # pairs ever queued
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
             for i in range(runs)
@@ -174,6 +175,7 @@ class Scheduler:
                 key = (admission.order, self._sequence)
                 entry = _Entry(key, lane, items[position], lengths[position], ticket, position)
                 heapq.heappush(queue, entry)
+            self.submitted += len(items)
             self._cond.notify_all()
         self._wait(ticket, admission.deadline)
         trace = current_trace.get()
