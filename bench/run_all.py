@@ -34,6 +34,13 @@ ROOT = Path(__file__).resolve().parent.parent
 MiB = 2**20
 
 
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
 def free_port() -> int:
     import socket
 
@@ -117,7 +124,7 @@ def measure(
     with serve(kind, models, env) as (url, pid):
         for c in levels:
             idle = tree_rss(pid)
-            count = max(args.min_requests, 2 * c) if workload != "1000 long" else 1
+            count = max(args.min_requests, 2 * c) if "long" not in workload else 1
             result = run_load(
                 url,
                 lambda n: body(workload, n),
@@ -169,6 +176,31 @@ def table(
     return lines
 
 
+def long_table(args: argparse.Namespace, env: dict[str, str]) -> list[str]:
+    """One request of 250 and one of 1,000 passages x 512 tokens: time, linearity, RSS growth."""
+    lines = [
+        "\n**1000 long passages** (600 words each: every pair truncated to 512 tokens), one "
+        "request, concurrency 1, this server only\n",
+        "| passages | seconds | ms per passage | peak RSS growth over idle MiB |",
+        "|---:|---:|---:|---:|",
+    ]
+    per_pair = {}
+    for count in (250, 1000):
+        result, idle = measure("this", args.models, env, f"{count} long", [1], args)[1]
+        seconds = result.latencies[0] if result.latencies else float("nan")
+        per_pair[count] = seconds / count
+        lines.append(
+            f"| {count} | {seconds:.1f} | {per_pair[count] * 1000:.0f} | "
+            f"{(result.peak_rss - idle) / MiB:,.0f} |"
+        )
+    lines.append(
+        f"\nTime per passage at 1,000 / at 250: {per_pair[1000] / per_pair[250]:.2f} "
+        "(1.00 = linear). Naive not run: FlashRank pads all 1,000 pairs into one ONNX "
+        "batch (~12 GB of attention scores per layer)."
+    )
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", type=Path, default=Path("/tmp/bench-models"))
@@ -184,6 +216,12 @@ def main() -> int:
         "with every concurrent ONNX batch)",
     )
     parser.add_argument("--level-seconds", type=float, default=40)
+    parser.add_argument(
+        "--mixed-levels",
+        default="1,4",
+        help="levels for 100 mixed (a closed loop of 16 naive requests of 100 "
+        "mixed passages takes minutes to drain)",
+    )
     parser.add_argument("--min-requests", type=int, default=6)
     parser.add_argument("--workloads", default="20 short,100 mixed,1000 long")
     parser.add_argument("--quick", action="store_true", help="levels 1,16; 20 s per level")

@@ -37,7 +37,12 @@ def long_documents(seed: int, count: int = 1000) -> list[str]:
     return [_passage(rng, 600) for _ in range(count)]
 
 
-WORKLOADS = {"20 short": short_documents, "100 mixed": mixed_documents, "1000 long": long_documents}
+WORKLOADS = {
+    "20 short": short_documents,
+    "100 mixed": mixed_documents,
+    "250 long": lambda seed: long_documents(seed, 250),
+    "1000 long": long_documents,
+}
 
 
 def body(workload: str, n: int, top_k: int = 10) -> dict[str, Any]:
