@@ -16,6 +16,7 @@ from reranker_server.engine.scheduler import (
     Admission,
     Lane,
     PairRunner,
+    RunnerCopies,
     Scheduler,
     current_admission,
 )
@@ -242,3 +243,46 @@ def test_loader_sizes_the_scheduler_and_onnx_threads(
         assert options.intra_op_num_threads == 2
     finally:
         engine.close()
+
+
+def test_cpu_stage2_serves_concurrent_requests_in_parallel_runs(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Two CPU runs score stage 2 at once (a cross-encoder copy each: a shared Hugging Face
+    tokenizer breaks when two threads use it), and answers equal the direct ones."""
+    engine = load_engine(
+        make_settings(cpu_threads=2, stage2_on_cpu=True, cache_enabled=False, candidates=6)
+    )
+    docs = [" ".join(["paris capital france river"] * (1 + i % 7)) for i in range(16)]
+    queries = [f"capital of france {i}" for i in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(lambda q: engine.rerank(q, docs, top_k=6), queries))
+    for query, outcome in zip(queries, got, strict=True):
+        assert outcome.stages[-1].stage == "stage2"
+        expected = engine.stage2_cpu.score(query, [docs[r.index] for r in outcome.results])  # type: ignore[union-attr]
+        assert [r.score for r in outcome.results] == pytest.approx(expected, abs=1e-6)
+    engine.close()
+
+
+def test_runner_copies_are_never_shared_by_two_threads_at_once() -> None:
+    barrier = threading.Barrier(2, timeout=5)
+
+    class Exclusive(KeywordRunner):
+        def __init__(self) -> None:
+            super().__init__("copy")
+            self.users = 0
+
+        def score(self, query: str, documents: Sequence[str]) -> list[float]:
+            self.users += 1
+            assert self.users == 1, "two threads in one copy"
+            barrier.wait()  # both calls must be inside a copy at the same time
+            self.users -= 1
+            return super().score(query, documents)
+
+    copies = RunnerCopies([Exclusive(), Exclusive()])
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda q: copies.score_pairs([(q, "q")]), ["a", "b"]))
+    assert results == [
+        [KeywordRunner().score("a", ["q"])[0]],
+        [KeywordRunner().score("b", ["q"])[0]],
+    ]

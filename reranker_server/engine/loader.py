@@ -15,7 +15,7 @@ from ..runners.base import Runner
 from ..settings import Settings
 from .cache import MemoryScoreCache, RedisScoreCache, ScoreCache, namespace
 from .cascade import Engine
-from .scheduler import Lane, PairRunner, Scheduler
+from .scheduler import Lane, PairRunner, RunnerCopies, Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,13 @@ def load_engine(
         path = stage2_path(settings)
         if accelerator is not None:
             stage2_gpu = _load_cross_encoder(path, settings, accelerator=accelerator)
-        if settings.stage2_on_cpu:
-            stage2_cpu = _load_cross_encoder(path, settings, accelerator=None)
+        if settings.stage2_on_cpu:  # a copy per CPU run: its tokenizer is not thread-safe
+            stage2_cpu = RunnerCopies(
+                [
+                    _load_cross_encoder(path, settings, accelerator=None)
+                    for _ in range(settings.runs())
+                ]
+            )
     lanes = {"stage1": Lane("stage1", stage1, stage1.max_pairs, stage1.batch_tokens)}
     if stage2_gpu is not None:  # pairs of concurrent requests share GPU batches
         lanes["stage2_gpu"] = Lane(

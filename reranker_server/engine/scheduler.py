@@ -92,6 +92,39 @@ class PairRunner:
         return scores
 
 
+class RunnerCopies:
+    """Copies of a runner that two threads must not use at once (a Hugging Face tokenizer changes
+    its padding state on every call): each call takes a free copy, or waits for the first one.
+    With one copy per scheduler worker, no call waits."""
+
+    def __init__(self, copies: Sequence[Runner]) -> None:
+        self.name = copies[0].name
+        self.device = copies[0].device
+        self._copies = [(runner, threading.Lock()) for runner in copies]
+
+    def _take(self) -> tuple[Runner, threading.Lock]:
+        for copy in self._copies:
+            if copy[1].acquire(blocking=False):
+                return copy
+        self._copies[0][1].acquire()
+        return self._copies[0]
+
+    def _call(self, method: str, *args: Any) -> list[float]:
+        runner, lock = self._take()
+        try:
+            if method == "score_pairs":
+                return PairRunner(runner).run(args[0])
+            return runner.score(*args)
+        finally:
+            lock.release()
+
+    def score(self, query: str, documents: Sequence[str]) -> list[float]:
+        return self._call("score", query, documents)
+
+    def score_pairs(self, pairs: Sequence[Pair]) -> list[float]:
+        return self._call("score_pairs", pairs)
+
+
 @dataclass(frozen=True)
 class Lane:
     """One model behind the scheduler, and how big its batches may be."""
