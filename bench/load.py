@@ -24,6 +24,13 @@ class LoadResult:
     seconds: float
     latencies: list[float]
     peak_rss: int
+    cpu_s: float = 0.0  # CPU seconds the server used (user + system), all threads
+
+    @property
+    def cpu_per_request(self) -> float:
+        """Server CPU seconds per answered request: what the work costs, whatever else ran on
+        the machine (on a shared machine wall-clock figures depend on the neighbours)."""
+        return self.cpu_s / self.ok if self.ok else float("nan")
 
     @property
     def rps(self) -> float:
@@ -34,6 +41,15 @@ class LoadResult:
             return float("nan")
         ordered = sorted(self.latencies)
         return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def tree_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process and its children."""
+    try:
+        proc = psutil.Process(pid)
+        return sum(sum(p.cpu_times()[:2]) for p in [proc, *proc.children(recursive=True)])
+    except psutil.Error:
+        return 0.0
 
 
 def tree_rss(pid: int) -> int:
@@ -105,6 +121,8 @@ def run_load(
             await asyncio.gather(*(client_loop() for _ in range(concurrency)))
         return latencies, errors, time.perf_counter() - started
 
+    cpu_before = tree_cpu(server_pid)
     with RssSampler(server_pid) as rss:
         latencies, errors, seconds = asyncio.run(main())
-    return LoadResult(concurrency, len(latencies), errors, seconds, latencies, rss.peak)
+    cpu = tree_cpu(server_pid) - cpu_before
+    return LoadResult(concurrency, len(latencies), errors, seconds, latencies, rss.peak, cpu)

@@ -149,20 +149,21 @@ def table(
 ) -> list[str]:
     lines = [
         f"\n**{workload} passages**, top_k 10, stage 2 on the CPU in both\n",
-        "| concurrency | server | req/s | p50 s | p95 s | p99 s | peak RSS MiB | ok/err |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| concurrency | server | req/s | p50 s | p95 s | p99 s | peak RSS MiB | CPU s/req "
+        "| ok/err |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in sorted(set(naive) | set(ours)):
         rows = [("naive", naive.get(c)), ("this", ours.get(c))]
         for name, item in rows:
             if item is None:
-                lines.append(f"| {c} | {name} | not run | | | | | |")
+                lines.append(f"| {c} | {name} | not run | | | | | | |")
                 continue
             r, _ = item
             lines.append(
                 f"| {c} | {name} | {r.rps:.2f} | {r.percentile(50):.2f} | "
                 f"{r.percentile(95):.2f} | {r.percentile(99):.2f} | "
-                f"{r.peak_rss / MiB:,.0f} | {r.ok}/{r.errors} |"
+                f"{r.peak_rss / MiB:,.0f} | {r.cpu_per_request:.2f} | {r.ok}/{r.errors} |"
             )
         if c in naive and c in ours:
             n, o = naive[c][0], ours[c][0]
@@ -171,7 +172,8 @@ def table(
                 f"**{n.percentile(50) / o.percentile(50):.1f}x** | "
                 f"{n.percentile(95) / o.percentile(95):.1f}x | "
                 f"{n.percentile(99) / o.percentile(99):.1f}x | "
-                f"{o.peak_rss / n.peak_rss:.2f} | |"
+                f"{o.peak_rss / n.peak_rss:.2f} | "
+                f"**{n.cpu_per_request / o.cpu_per_request:.1f}x** | |"
             )
     return lines
 
