@@ -168,14 +168,21 @@ def table(
         if c in naive and c in ours:
             n, o = naive[c][0], ours[c][0]
             lines.append(
-                f"| {c} | **ratio** | **{o.rps / n.rps:.1f}x** | "
-                f"**{n.percentile(50) / o.percentile(50):.1f}x** | "
-                f"{n.percentile(95) / o.percentile(95):.1f}x | "
-                f"{n.percentile(99) / o.percentile(99):.1f}x | "
+                f"| {c} | **ratio** | **{ratio(o.rps, n.rps)}** | "
+                f"**{ratio(n.percentile(50), o.percentile(50))}** | "
+                f"{ratio(n.percentile(95), o.percentile(95))} | "
+                f"{ratio(n.percentile(99), o.percentile(99))} | "
                 f"{o.peak_rss / n.peak_rss:.2f} | "
-                f"**{n.cpu_per_request / o.cpu_per_request:.1f}x** | |"
+                f"**{ratio(n.cpu_per_request, o.cpu_per_request)}** | |"
             )
     return lines
+
+
+def ratio(a: float, b: float) -> str:
+    """`a / b` as "2.3x"; "n/a" where a side has no answer (0 or NaN)."""
+    if not (a > 0 and b > 0):  # also False for NaN
+        return "n/a"
+    return f"{a / b:.1f}x"
 
 
 def long_table(args: argparse.Namespace, env: dict[str, str]) -> list[str]:
