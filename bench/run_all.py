@@ -231,12 +231,6 @@ def main() -> int:
         help="levels for 100 mixed: the naive server pads 100 mixed passages to 512 tokens in "
         "one batch, ~6 GB each; 16 at once exhausted 23 GB and were killed",
     )
-    parser.add_argument(
-        "--mixed-levels",
-        default="1,4",
-        help="levels for 100 mixed (a closed loop of 16 naive requests of 100 "
-        "mixed passages takes minutes to drain)",
-    )
     parser.add_argument("--min-requests", type=int, default=6)
     parser.add_argument("--workloads", default="20 short,100 mixed,1000 long")
     parser.add_argument("--quick", action="store_true", help="levels 1,16; 20 s per level")
