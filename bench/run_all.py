@@ -246,7 +246,7 @@ def main() -> int:
     started = time.perf_counter()
     ours_env = {"RERANKER_STAGE2_ON_CPU": "true"}
     out = [
-        f"Date {date.today()}, CPU {platform.processor() or platform.machine()} "
+        f"Date {date.today()}, CPU {cpu_name()} "
         f"({os.cpu_count()} cores), models: full-size generated (MiniLM-L12 int8 ONNX stage 1, "
         "MiniLM-L6 stage 2, both on the CPU)"
     ]
