@@ -26,8 +26,10 @@ from reranker_server.engine.loader import load_engine
 from reranker_server.model_factory import write_test_models
 from reranker_server.settings import Settings
 
-WORDS = ("paris capital france river city history population europe tower famous built century "
-         "government language people world water food health research science music art").split()
+WORDS = (
+    "paris capital france river city history population europe tower famous built century "
+    "government language people world water food health research science music art"
+).split()
 
 
 class PeakRss:
@@ -101,11 +103,19 @@ def main() -> int:
             started = time.perf_counter()
             ranker.rerank(RerankRequest(query=query, passages=[{"text": d} for d in docs]))
             fr_seconds = time.perf_counter() - started
-        rows.append(("flashrank.Ranker (one batch)", fr_seconds, tokens / fr_seconds,
-                     (peak.peak - base) / 2**20))
+        rows.append(
+            (
+                "flashrank.Ranker (one batch)",
+                fr_seconds,
+                tokens / fr_seconds,
+                (peak.peak - base) / 2**20,
+            )
+        )
 
-    print(f"\n{args.docs} documents, {tokens} tokens (query + document, truncated to 512), "
-          f"{os.cpu_count()} cores, stage-1 batch budget {args.batch_tokens} tokens\n")
+    print(
+        f"\n{args.docs} documents, {tokens} tokens (query + document, truncated to 512), "
+        f"{os.cpu_count()} cores, stage-1 batch budget {args.batch_tokens} tokens\n"
+    )
     print("| run | seconds | tokens/s | peak RSS growth (MiB) |")
     print("|---|---:|---:|---:|")
     for name, sec, tps, grow in rows:

@@ -75,7 +75,7 @@ class RerankerApp(FastAPI):
         """Load and warm up the models; the server listens only after this returns."""
         self.state.cuda_available = await asyncio.to_thread(cuda_runtime_available)
         self.state.pool = InferencePool(
-            self.settings.workers, self.settings.max_queue, self.settings.request_timeout_s
+            self.settings.runs(), self.settings.max_queue, self.settings.request_timeout_s
         )
         started = time.perf_counter()
         self.state.engine = await asyncio.to_thread(self._engine_factory, self.settings)
@@ -88,6 +88,9 @@ class RerankerApp(FastAPI):
         pool: InferencePool | None = getattr(self.state, "pool", None)
         if pool is not None:
             await asyncio.to_thread(pool.shutdown)
+        engine: Engine | None = self.state.engine
+        if engine is not None:
+            await asyncio.to_thread(engine.close)
         self.state.engine = None
 
 

@@ -50,12 +50,13 @@ DOCS = [
 
 
 def flashrank_scores(models: TestModelPaths, query: str, docs: list[str]) -> list[float]:
+    """FlashRank's score of each passage alone: what stage 1 returns whatever the batch
+    (see runners/flashrank.py on batch-invariant scores)."""
     ranker = Ranker(model_name=models.stage1.name, cache_dir=str(models.stage1.parent))
-    out = ranker.rerank(
-        RerankRequest(query=query, passages=[{"id": i, "text": d} for i, d in enumerate(docs)])
-    )
-    by_id = {p["id"]: float(p["score"]) for p in out}
-    return [by_id[i] for i in range(len(docs))]
+    return [
+        float(ranker.rerank(RerankRequest(query=query, passages=[{"text": d}]))[0]["score"])
+        for d in docs
+    ]
 
 
 def best_first(scores: list[float]) -> list[int]:

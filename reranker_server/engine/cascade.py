@@ -1,7 +1,9 @@
 """The two-stage cascade: stage 1 scores everything, stage 2 reorders the best candidates.
 
 Synchronous and HTTP-free: a test, the CLI or a notebook can drive it directly. The HTTP layer runs
-it in a worker thread through `engine.pool.InferencePool`.
+it in a request thread through `engine.pool.InferencePool`. With a `Scheduler` (the loader builds
+one) model calls go through its FIFO queue and worker threads, batched with other requests' pairs;
+without one the runners are called directly in the caller's thread.
 
 With a score cache (engine/cache.py) each stage looks its pairs up first and sends only the missing
 ones to its model; stage 1 and stage 2 (per device) are separate cache namespaces.
@@ -26,6 +28,7 @@ from ..types import (
     StageReport,
 )
 from .cache import ScoreCache, namespace, pair_keys
+from .scheduler import BatchRunner, Lane, PairRunner, Scheduler
 from .trace import current_trace
 from .windows import Windower, WindowPlan
 
@@ -64,14 +67,20 @@ class Engine:
         count_tokens: TokenCounter | None = None,
         windows: Windower | None = None,
         long_documents: LongDocPolicy | None = None,
+        scheduler: Scheduler | None = None,
+        gpu_scheduler: Scheduler | None = None,
+        lanes: Mapping[str, Lane] | None = None,
     ) -> None:
         """`cache`: score cache (None: none). `cache_namespaces`: "stage1", "stage2_gpu",
         "stage2_cpu" -> namespace naming the model identity and its settings (the loader passes
         file fingerprints; by default the runner's name and device). `count_tokens(query, docs)`:
-        tokens of the pairs stage 1 scores, for metrics and logs (None: not counted).
-        `windows`: cuts long documents per `LongDocPolicy` (engine/windows.py; it also counts the
-        tokens); None: documents go to the runners whole. `long_documents`: the policy of
-        requests that bring none."""
+        tokens of the pairs stage 1 scores, for metrics and logs (None: not counted; with a
+        scheduler, the tokenizer's count comes for free). `windows`: cuts long documents per
+        `LongDocPolicy` (engine/windows.py; it also counts the tokens); None: documents go to the
+        runners whole. `long_documents`: the policy of requests that bring none. `scheduler`:
+        runs the CPU stages (None: call runners directly); `gpu_scheduler`: runs stage 2 on the
+        GPU (None: the CPU one). `lanes`: role -> batch policy (default: from the runner's
+        `max_pairs` and `batch_tokens`, else one pair per call)."""
         self.stage1 = stage1
         self.stage2_gpu = stage2_gpu
         self.stage2_cpu = stage2_cpu
@@ -91,6 +100,42 @@ class Engine:
             if runner is not None
         }
         self._namespaces.update(cache_namespaces or {})
+        self.scheduler = scheduler
+        self.gpu_scheduler = gpu_scheduler or scheduler
+        self._lanes = dict(lanes or {})
+
+    def _lane(self, role: str, runner: Runner) -> Lane:
+        lane = self._lanes.get(role)
+        if lane is None:
+            batch_runner: BatchRunner = (
+                runner  # type: ignore[assignment]
+                if all(hasattr(runner, a) for a in ("prepare", "length", "run"))
+                else PairRunner(runner)
+            )
+            lane = Lane(
+                role,
+                batch_runner,
+                max_pairs=int(getattr(runner, "max_pairs", 1)),
+                batch_tokens=int(getattr(runner, "batch_tokens", 8192)),
+            )
+            self._lanes[role] = lane
+        return lane
+
+    def _score(
+        self, runner: Runner, role: str, query: str, texts: Sequence[str]
+    ) -> tuple[list[float], int | None]:
+        """Scores of `texts` from `runner` (through the scheduler when there is one), and their
+        tokens when the scheduler tokenized them."""
+        scheduler = self.gpu_scheduler if role == "stage2_gpu" else self.scheduler
+        if scheduler is None:
+            return runner.score(query, texts), None
+        scores, tokens = scheduler.score(self._lane(role, runner), [(query, t) for t in texts])
+        return scores, tokens if role == "stage1" and self._lanes[role].runner is runner else None
+
+    def close(self) -> None:
+        """Stop the scheduler threads (queued work finishes first)."""
+        for scheduler in {self.scheduler, self.gpu_scheduler} - {None}:
+            scheduler.close()  # type: ignore[union-attr]
 
     def rerank(
         self,
@@ -238,7 +283,8 @@ class Engine:
         if missing:
             todo = [texts[i] for i in missing]
             try:
-                fresh = _checked(runner.score(query, todo), len(todo), runner)
+                found_scores, counted = self._score(runner, role, query, todo)
+                fresh = _checked(found_scores, len(todo), runner)
             except InferenceError:
                 raise
             except Exception as exc:
@@ -249,6 +295,8 @@ class Engine:
                 ) from exc
             if role == "stage1" and pair_tokens is not None:
                 tokens = sum(pair_tokens[i] for i in missing)
+            elif counted is not None:
+                tokens = counted
             elif role == "stage1" and self._count_tokens is not None:
                 tokens = self._count_tokens(query, todo)
             if keys and self.cache is not None:

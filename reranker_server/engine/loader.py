@@ -16,6 +16,7 @@ from ..settings import Settings
 from ..types import LongDocPolicy
 from .cache import MemoryScoreCache, RedisScoreCache, ScoreCache, namespace
 from .cascade import Engine
+from .scheduler import Lane, PairRunner, RunnerCopies, Scheduler
 from .windows import Windower
 
 logger = logging.getLogger(__name__)
@@ -60,8 +61,28 @@ def load_engine(
         path = stage2_path(settings)
         if accelerator is not None:
             stage2_gpu = _load_cross_encoder(path, settings, accelerator=accelerator)
-        if settings.stage2_on_cpu:
-            stage2_cpu = _load_cross_encoder(path, settings, accelerator=None)
+        if settings.stage2_on_cpu:  # a copy per CPU run: its tokenizer is not thread-safe
+            stage2_cpu = RunnerCopies(
+                [
+                    _load_cross_encoder(path, settings, accelerator=None)
+                    for _ in range(settings.runs())
+                ]
+            )
+    lanes = {"stage1": Lane("stage1", stage1, stage1.max_pairs, stage1.batch_tokens)}
+    if stage2_gpu is not None:  # pairs of concurrent requests share GPU batches
+        lanes["stage2_gpu"] = Lane(
+            "stage2_gpu",
+            PairRunner(stage2_gpu),
+            max_pairs=settings.stage2_batch_size,
+            batch_tokens=settings.stage2_batch_size * settings.max_length,
+        )
+    if stage2_cpu is not None:  # a request's candidates spread over the CPU runs
+        lanes["stage2_cpu"] = Lane(
+            "stage2_cpu",
+            PairRunner(stage2_cpu),
+            max_pairs=max(1, -(-settings.candidates // settings.runs())),
+            batch_tokens=settings.stage1_batch_tokens,
+        )
     else:
         logger.info("no usable GPU and stage2_on_cpu is off: answers come from stage 1")
 
@@ -100,6 +121,9 @@ def load_engine(
             overlap_tokens=settings.chunk_overlap_tokens,
         ),
         long_documents=default_policy(settings),
+        scheduler=Scheduler(settings.runs(), name="cpu-run"),
+        gpu_scheduler=Scheduler(1, name="gpu-run") if stage2_gpu is not None else None,
+        lanes=lanes,
     )
     if settings.warmup:
         warm_up(engine)
@@ -153,6 +177,7 @@ def fingerprint(path: Path) -> str:
 
 
 def _load_cross_encoder(path: str, settings: Settings, accelerator: Accelerator | None) -> Runner:
+    """The GPU one in `stage2_precision`, the CPU one in `stage2_cpu_precision`."""
     from ..runners.cross_encoder import CrossEncoderRunner
 
     try:
@@ -162,7 +187,11 @@ def _load_cross_encoder(path: str, settings: Settings, accelerator: Accelerator 
             batch_size=settings.stage2_batch_size,
             max_length=settings.max_length,
             threads=settings.threads_per_worker(),
-            precision=settings.stage2_precision,
+            precision=(
+                settings.stage2_precision
+                if accelerator is not None
+                else settings.stage2_cpu_precision
+            ),
             vram_fraction=settings.stage2_vram_fraction,
             trust_remote_code=settings.trust_remote_code,
             name=_display_name(settings.stage2_model),
@@ -180,8 +209,11 @@ def _display_name(model: str) -> str:
 
 
 def warm_up(engine: Engine) -> None:
-    """One pair through every loaded model, so the first request is not slow."""
-    engine.stage1.score(WARMUP_QUERY, [WARMUP_DOCUMENT])
+    """Pairs through every loaded model, so the first request pays for no lazy initialisation:
+    a short and a long one through stage 1 (its memory arena grows once, here), one pair
+    through each stage 2."""
+    long_document = " ".join([WARMUP_DOCUMENT] * 40)
+    engine.stage1.score(WARMUP_QUERY, [WARMUP_DOCUMENT, long_document])
     for runner in (engine.stage2_gpu, engine.stage2_cpu):
         if runner is not None:
             runner.score(WARMUP_QUERY, [WARMUP_DOCUMENT])

@@ -1,12 +1,15 @@
-"""Runs blocking inference off the event loop, with a bounded queue and a timeout.
+"""Admits requests and runs their blocking work off the event loop, with a bound and a timeout.
 
-`workers` runs happen at once (each with cores / workers threads, see Settings); at most `max_queue`
-more wait. Past that a request is refused at once with `OverloadedError` (HTTP 429 + Retry-After)
-instead of piling up memory; a request that waits plus runs longer than `timeout_s` gets
-`RequestTimeoutError` (HTTP 503 + Retry-After).
+At most `workers + max_queue` requests are admitted at once; past that a request is refused at
+once with `OverloadedError` (HTTP 429 + Retry-After) instead of piling up memory. Each admitted
+request gets a thread of its own (cheap: it tokenizes, looks up the cache and then waits), with an
+`Admission` (its place in line and its deadline) in its context: the engine's `Scheduler` runs the
+model calls of all admitted requests in that order on its `workers` compute threads, so this pool
+never oversubscribes the cores. A request that waits plus runs longer than `timeout_s` gets
+`RequestTimeoutError` (HTTP 503 + Retry-After) and its queued pairs are dropped.
 
-The caller's context variables travel into the worker thread (so the engine sees the request's
-`RequestTrace`), and the time a job waited for a worker is recorded in that trace.
+The caller's context variables travel into the thread (so the engine sees the request's
+`RequestTrace`); the time it waited for a thread, and for the scheduler, is recorded in that trace.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from ..errors import OverloadedError, RequestTimeoutError
+from .scheduler import Admission, current_admission
 from .trace import current_trace
 
 T = TypeVar("T")
@@ -29,8 +33,10 @@ class InferencePool:
     """A fixed set of inference threads behind an admission counter."""
 
     def __init__(self, workers: int, max_queue: int, timeout_s: float) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inference")
         self._capacity = workers + max_queue
+        self._executor = ThreadPoolExecutor(
+            max_workers=self._capacity, thread_name_prefix="request"
+        )
         self._timeout_s = timeout_s
         self._workers = workers
         self._lock = threading.Lock()
@@ -64,6 +70,7 @@ class InferencePool:
             self._pending += 1
         submitted = time.perf_counter()
         context = contextvars.copy_context()
+        context.run(current_admission.set, Admission(deadline=time.monotonic() + self._timeout_s))
 
         def job() -> T:
             trace = current_trace.get()

@@ -73,18 +73,22 @@ class CrossEncoderRunner:
         self.oom_retries = 0  # rungs taken down the OOM ladder, for metrics
 
     def score(self, query: str, documents: Sequence[str]) -> list[float]:
-        if not documents:
+        return self.score_pairs([(query, doc) for doc in documents])
+
+    def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        """Scores of (query, document) pairs, queries may differ (the scheduler merges requests)."""
+        if not pairs:
             return []
-        lengths = self._lengths(query, documents)
-        order = sorted(range(len(documents)), key=lambda i: -lengths[i])
-        scores = np.empty(len(documents), dtype=np.float64)
+        lengths = self._lengths(pairs)
+        order = sorted(range(len(pairs)), key=lambda i: -lengths[i])
+        scores = np.empty(len(pairs), dtype=np.float64)
         start = 0
         size = self._batch_size
         while start < len(order):
             size = min(size, self._pairs_that_fit(lengths[order[start]]))
             batch = order[start : start + size]
             try:
-                scores[batch] = self._forward([(query, documents[i]) for i in batch])
+                scores[batch] = self._forward([pairs[i] for i in batch])
             except Exception as exc:
                 if len(batch) == 1 or not self._is_oom(exc):
                     raise
@@ -96,10 +100,10 @@ class CrossEncoderRunner:
             start += len(batch)
         return [float(s) for s in scores]
 
-    def _lengths(self, query: str, documents: Sequence[str]) -> list[int]:
+    def _lengths(self, pairs: Sequence[tuple[str, str]]) -> list[int]:
         encoded = self._model.tokenizer(
-            [query] * len(documents),
-            list(documents),
+            [query for query, _ in pairs],
+            [doc for _, doc in pairs],
             truncation=True,
             max_length=self._max_length,
         )

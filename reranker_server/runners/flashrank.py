@@ -1,15 +1,24 @@
-"""Stage 1: a FlashRank model (ONNX, CPU) scored in bounded, length-sorted batches.
+"""Stage 1: a FlashRank model (ONNX, CPU), scored so that no score depends on its batch-mates.
 
 The model files are FlashRank's own (`flashrank.Ranker` loads the same directory); tokenization
-follows `flashrank.Ranker._get_tokenizer` exactly, so that scores equal FlashRank's when the same
-group of passages forms one batch. Unlike FlashRank, passages are not run as one batch of
-documents x longest-length: batches hold at most `batch_tokens` padded tokens, so memory stays
-bounded for 1,000 long passages.
+follows `flashrank.Ranker._get_tokenizer` exactly.
+
+FlashRank's int8 models quantize activations dynamically, one scale per tensor for the whole batch
+(`DynamicQuantizeLinear`), so in a batch a passage's score moves with the other passages and the
+padding (measured up to 1.3e-3 on a full-size model, 0.7 on the tiny test models). For such a model
+every pair runs alone (`max_pairs == 1`): its score is exactly FlashRank's score of that passage
+alone, whatever else is being scored, and there is no padding at all. On this 2-core CPU that is
+also no slower than padded batches (bench/RESULTS.md): throughput comes from running pairs on
+several cores at once (engine/scheduler.py), not from batching. A model without dynamic
+quantization (fp32) runs in length-sorted batches of at most `batch_tokens` padded tokens.
+
+Pre / core / post: `prepare` tokenizes (in the request's thread), `run` pads and runs one batch.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,8 +47,24 @@ def load_flashrank_tokenizer(directory: Path, max_length: int) -> tuple[Tokenize
     return tokenizer, int(config["pad_token_id"])
 
 
-def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Group positions into batches, longest first, each at most `batch_tokens` padded tokens.
+def quantizes_per_batch(onnx_file: Path) -> bool:
+    """Whether the model quantizes activations with one scale per batch (DynamicQuantizeLinear).
+
+    The op type is stored as plain bytes in the ONNX protobuf, so a byte search finds it without
+    the `onnx` package; a false positive would only make batches smaller.
+    """
+    with (
+        onnx_file.open("rb") as handle,
+        mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data,
+    ):
+        return data.find(b"DynamicQuantizeLinear") >= 0
+
+
+def plan_batches(
+    lengths: Sequence[int], batch_tokens: int, max_pairs: int | None = None
+) -> list[list[int]]:
+    """Group positions into batches, longest first, each at most `batch_tokens` padded tokens
+    and `max_pairs` items.
 
     Sorting by length keeps padding small; every batch holds at least one item.
     """
@@ -50,7 +75,8 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
     for position in order:
         length = lengths[position]
         width = max(longest, length)
-        if current and width * (len(current) + 1) > batch_tokens:
+        full = max_pairs is not None and len(current) >= max_pairs
+        if current and (full or width * (len(current) + 1) > batch_tokens):
             batches.append(current)
             current, width = [], length
         current.append(position)
@@ -90,10 +116,24 @@ class FlashRankRunner:
             str(onnx_file), sess_options=options, providers=["CPUExecutionProvider"]
         )
         self._input_names = {i.name for i in self._session.get_inputs()}
+        self.batch_tokens = batch_tokens
+        self.max_pairs = 1 if quantizes_per_batch(onnx_file) else max(1, batch_tokens // 16)
 
     def tokenize(self, query: str, documents: Sequence[str]) -> list[Encoding]:
         """Encode (query, document) pairs, truncated, unpadded."""
-        return list(self._tokenizer.encode_batch([(query, doc) for doc in documents]))
+        return self.prepare([(query, doc) for doc in documents])
+
+    def prepare(self, pairs: Sequence[tuple[str, str]]) -> list[Encoding]:
+        """Encode pairs, truncated, unpadded (the scheduler's pre step)."""
+        return list(self._tokenizer.encode_batch(list(pairs)))
+
+    @staticmethod
+    def length(encoding: Encoding) -> int:
+        return len(encoding.ids)
+
+    def run(self, encodings: Sequence[Encoding]) -> list[float]:
+        """Scores of encodings the caller grouped into one allowed batch."""
+        return [float(s) for s in self._forward(encodings)]
 
     def encode_texts(self, texts: Sequence[str]) -> list[TextTokens]:
         """Each text alone, untruncated, without special tokens: token spans and words (the
@@ -102,11 +142,15 @@ class FlashRankRunner:
         return [TextTokens(e.offsets, e.word_ids) for e in encodings]
 
     def score(self, query: str, documents: Sequence[str]) -> list[float]:
-        if not documents:
+        return self.score_pairs([(query, doc) for doc in documents])
+
+    def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        if not pairs:
             return []
-        encodings = self.tokenize(query, documents)
+        encodings = self.prepare(pairs)
         scores = np.empty(len(encodings), dtype=np.float32)
-        for batch in plan_batches([len(e.ids) for e in encodings], self._batch_tokens):
+        lengths = [len(e.ids) for e in encodings]
+        for batch in plan_batches(lengths, self._batch_tokens, self.max_pairs):
             scores[batch] = self._forward([encodings[i] for i in batch])
         return [float(s) for s in scores]
 
