@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from ..devices import GpuGate
-from ..errors import InferenceError
+from ..errors import InferenceError, RerankerError
 from ..runners.base import Runner
 from ..types import (
     Backend,
@@ -242,6 +242,8 @@ class Engine:
                     logger.warning("stage 2 on the GPU: %s; answering without it", exc)
                     self.gate.record_failure("invalid_scores")
                     fallback = "invalid_scores"
+                except RerankerError:  # the request's own limits (its deadline): as they are
+                    raise
                 except Exception as exc:
                     fallback = self._device_fault(exc)
         if self.stage2_cpu is None:
@@ -285,7 +287,7 @@ class Engine:
             try:
                 found_scores, counted = self._score(runner, role, query, todo)
                 fresh = _checked(found_scores, len(todo), runner)
-            except InferenceError:
+            except RerankerError:  # ours already (invalid scores, a timeout): as it is
                 raise
             except Exception as exc:
                 if runner is self.stage2_gpu:
