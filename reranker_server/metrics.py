@@ -151,6 +151,7 @@ class StateCollector(Collector):
         engine = getattr(state, "engine", None)
         if engine is None:
             return
+        yield from _scheduler_metrics(engine)
         yield from _cache_metrics(engine.cache)
         yield from _gpu_metrics(engine.gate)
         yield from _breaker_metrics(engine)
@@ -233,3 +234,24 @@ def _breaker_metrics(engine: Any) -> Iterable[Metric]:
     )
     cooling.add_metric([], 1.0 if state == "cooling_down" else 0.0)
     yield cooling
+
+
+def _scheduler_metrics(engine: Any) -> Iterable[Metric]:
+    """Pairs waiting for a compute thread, and threads computing, per scheduler."""
+    schedulers = {"cpu": getattr(engine, "scheduler", None)}
+    if getattr(engine, "gpu_scheduler", None) is not schedulers["cpu"]:
+        schedulers["gpu"] = engine.gpu_scheduler
+    queued = GaugeMetricFamily(
+        "reranker_queued_pairs", "Pairs waiting for a compute thread.", labels=["scheduler"]
+    )
+    busy = GaugeMetricFamily(
+        "reranker_busy_compute_threads",
+        "Compute threads running a batch now.",
+        labels=["scheduler"],
+    )
+    for name, scheduler in schedulers.items():
+        if scheduler is not None:
+            queued.add_metric([name], scheduler.queued)
+            busy.add_metric([name], scheduler.busy)
+    yield queued
+    yield busy

@@ -144,3 +144,17 @@ def test_apps_have_separate_registries(make_settings: Callable[..., Settings]) -
     key = {"route": "/rerank", "dialect": "native", "status": "200"}
     assert value(a, "reranker_requests_total", **key) == 1
     assert value(b, "reranker_requests_total", **key) == 0
+
+
+def test_scheduler_gauges_are_scraped(make_settings) -> None:  # type: ignore[no-untyped-def]
+    import httpx
+
+    from reranker_server.app import create_app
+
+    from .conftest import running
+
+    with running(create_app(make_settings())) as url:
+        httpx.post(f"{url}/rerank", json={"query": "q", "documents": ["a", "b"], "top_k": 1})
+        scrape = httpx.get(f"{url}/metrics").text
+    assert 'reranker_queued_pairs{scheduler="cpu"} 0.0' in scrape
+    assert 'reranker_busy_compute_threads{scheduler="cpu"}' in scrape

@@ -230,7 +230,10 @@ class Engine:
         fallback: FallbackReason | None = "no_gpu"
         if self.stage2_gpu is not None:
             gpu = self.stage2_gpu
-            fallback = self.gate.check(probe=lambda: gpu.score(PROBE_QUERY, [PROBE_DOCUMENT]))
+            # the probe queues like any pair: never two threads in the GPU model at once
+            fallback = self.gate.check(
+                probe=lambda: self._score(gpu, "stage2_gpu", PROBE_QUERY, [PROBE_DOCUMENT])
+            )
             if fallback is None:
                 try:
                     scores, report, _ = self._run(

@@ -95,7 +95,7 @@ def load_engine(
             stage1_id,
             stage1.device,
             max_length=settings.max_length,
-            batch_tokens=settings.stage1_batch_tokens,
+            scoring="one-pair-per-call",  # batch-invariant: older batched scores never match
         )
         for role, runner in (("stage2_gpu", stage2_gpu), ("stage2_cpu", stage2_cpu)):
             if runner is not None:
