@@ -169,7 +169,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         models = args.models
         if models is None:
-            from reranker_server.model_factory import write_test_models
+            from reranker_server.model_generator import write_test_models
 
             models = Path(tmp) / "models"
             write_test_models(models, full_size=True, tokenizer_dir=args.tokenizer)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from reranker_server.engine.loader import load_engine
-from reranker_server.model_factory import WORDS, write_test_models
+from reranker_server.model_generator import WORDS, write_test_models
 from reranker_server.settings import Settings
 from reranker_server.types import LongDocPolicy
 

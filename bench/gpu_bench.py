@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from reranker_server.devices import detect_accelerator
-from reranker_server.model_factory import write_test_models
+from reranker_server.model_generator import write_test_models
 from reranker_server.runners.cross_encoder import CrossEncoderRunner
 
 WORDS = ("paris capital france river city history population europe tower famous built century "

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.load import LoadResult, run_load, tree_rss
 from bench.stage1_micro import report as micro_report
 from bench.workloads import QUERY, body, short_documents
-from reranker_server.model_factory import STAGE1_NAME, write_test_models
+from reranker_server.model_generator import STAGE1_NAME, write_test_models
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 2**20

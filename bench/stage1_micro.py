@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from reranker_server.model_factory import STAGE1_FILE, STAGE1_NAME
+from reranker_server.model_generator import STAGE1_FILE, STAGE1_NAME
 from reranker_server.runners.flashrank import FlashRankRunner
 
 # MiniLM-L12-H384: what one token costs in one layer, and attention per (token x token)

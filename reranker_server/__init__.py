@@ -16,7 +16,7 @@ __all__ = ["__version__", "app"]
 def __getattr__(name: str) -> Any:
     if name == "app":
         from .app import create_app
-        from .cli import configure_logging
+        from .logs import configure_logging
         from .settings import Settings
 
         settings = Settings()

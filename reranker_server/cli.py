@@ -1,7 +1,7 @@
 """Command line: `reranker-server serve | download | make-test-models`.
 
 Every setting is also a flag of the same name (`RERANKER_STAGE1_MODEL` = `--stage1-model`); flags
-win over the environment. Logging is configured here, at the entry point, and nowhere else.
+win over the environment. Logging is set up at the entry point (logs.configure_logging).
 """
 
 from __future__ import annotations
@@ -16,24 +16,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from .errors import ModelLoadError
+from .logs import configure_logging
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
 SECRET_SETTINGS = frozenset({"api_key"})
-
-
-def configure_logging(level: str, log_format: str = "text") -> None:
-    """Log lines on stderr, JSON or plain text, unless the host program already configured
-    logging (then its handlers decide the format)."""
-    from .log_format import JsonFormatter, TextFormatter
-
-    root = logging.getLogger()
-    if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
-        root.addHandler(handler)
-    logging.getLogger("reranker_server").setLevel(level.upper())
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -149,7 +137,7 @@ def _download(settings: Settings) -> int:
 
 
 def _make_test_models(args: argparse.Namespace) -> int:
-    from .model_factory import write_test_models
+    from .model_generator import write_test_models
 
     paths = write_test_models(
         args.directory, full_size=args.full_size, tokenizer_dir=args.tokenizer, seed=args.seed

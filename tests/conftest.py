@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import uvicorn
 
-from reranker_server.model_factory import TestModelPaths, write_test_models
+from reranker_server.model_generator import TestModelPaths, write_test_models
 from reranker_server.settings import Settings
 
 

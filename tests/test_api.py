@@ -14,7 +14,7 @@ from sentence_transformers import CrossEncoder
 
 from reranker_server.app import create_app
 from reranker_server.engine.loader import load_engine
-from reranker_server.model_factory import TestModelPaths
+from reranker_server.model_generator import TestModelPaths
 from reranker_server.settings import Settings
 
 from .conftest import running

@@ -11,7 +11,7 @@ from reranker_server.devices import GpuGate
 from reranker_server.engine.cache import MemoryScoreCache, namespace, pair_keys, redact_url
 from reranker_server.engine.cascade import Engine
 from reranker_server.engine.loader import fingerprint, load_engine
-from reranker_server.model_factory import TestModelPaths
+from reranker_server.model_generator import TestModelPaths
 from reranker_server.settings import Settings
 
 from .fakes import FakeClock, KeywordRunner

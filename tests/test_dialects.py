@@ -19,7 +19,7 @@ from llama_index.core.schema import NodeWithScore, TextNode
 from llama_index.postprocessor.cohere_rerank import CohereRerank as LlamaIndexCohereRerank
 
 from reranker_server.app import create_app
-from reranker_server.model_factory import TestModelPaths
+from reranker_server.model_generator import TestModelPaths
 from reranker_server.settings import Settings
 
 from .conftest import running

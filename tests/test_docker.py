@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from reranker_server.cli import build_parser, settings_from_args
-from reranker_server.model_factory import TestModelPaths
+from reranker_server.model_generator import TestModelPaths
 from reranker_server.settings import Settings
 from tests.conftest import free_port
 from tests.deploy_files import (

@@ -10,7 +10,7 @@ import torch
 
 from reranker_server.devices import CudaAccelerator, detect_accelerator
 from reranker_server.engine.loader import load_engine
-from reranker_server.model_factory import TestModelPaths
+from reranker_server.model_generator import TestModelPaths
 from reranker_server.runners.cross_encoder import CrossEncoderRunner
 from reranker_server.settings import Settings
 
@@ -56,7 +56,7 @@ def test_real_oom_falls_back_to_stage1(make_settings: Callable[..., Settings]) -
 
 def test_fp16_by_default_and_close_to_fp32(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Real-shaped model (MiniLM-L6-H384, BERT's init) on CUDA: fp16 within 1e-3 of fp32."""
-    from reranker_server.model_factory import write_test_models
+    from reranker_server.model_generator import write_test_models
 
     models = write_test_models(tmp_path_factory.mktemp("full"), full_size=True)
     acc = detect_accelerator("auto")

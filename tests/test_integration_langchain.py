@@ -17,7 +17,7 @@ from langchain_core.vectorstores import InMemoryVectorStore
 from reranker_server.app import create_app
 from reranker_server.client import ConnectionFailed, RerankerClient, Unauthorized
 from reranker_server.integrations.langchain import RerankerServerCompressor
-from reranker_server.model_factory import TestModelPaths
+from reranker_server.model_generator import TestModelPaths
 from reranker_server.settings import Settings
 
 from .conftest import free_port, running

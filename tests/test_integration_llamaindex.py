@@ -19,7 +19,7 @@ from llama_index.core.schema import NodeWithScore, TextNode
 from reranker_server.app import create_app
 from reranker_server.client import ConnectionFailed, RerankerClient
 from reranker_server.integrations.llamaindex import RerankerServerRerank
-from reranker_server.model_factory import TestModelPaths
+from reranker_server.model_generator import TestModelPaths
 from reranker_server.settings import Settings
 
 from .conftest import free_port, running

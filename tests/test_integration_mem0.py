@@ -34,7 +34,7 @@ from reranker_server.integrations.mem0 import (
     RerankerServerReranker,
     RerankFailed,
 )
-from reranker_server.model_factory import TestModelPaths
+from reranker_server.model_generator import TestModelPaths
 from reranker_server.settings import Settings
 
 from .conftest import free_port, running

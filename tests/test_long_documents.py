@@ -26,7 +26,7 @@ from reranker_server.engine.cascade import Engine
 from reranker_server.engine.loader import load_engine
 from reranker_server.engine.windows import Windower, WindowPlan, word_cuts
 from reranker_server.errors import InvalidRequestError
-from reranker_server.model_factory import STAGE1_FILE, WORDS, TestModelPaths
+from reranker_server.model_generator import STAGE1_FILE, WORDS, TestModelPaths
 from reranker_server.runners.cross_encoder import CrossEncoderRunner
 from reranker_server.runners.flashrank import FlashRankRunner
 from reranker_server.settings import Settings

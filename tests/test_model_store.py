@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from reranker_server.errors import ModelLoadError
-from reranker_server.model_factory import STAGE1_FILE, TestModelPaths
+from reranker_server.model_generator import STAGE1_FILE, TestModelPaths
 from reranker_server.model_store import COMPLETE_MARKER, resolve_stage1, resolve_stage2
 from reranker_server.runners.flashrank import FlashRankRunner
 

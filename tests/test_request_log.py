@@ -16,7 +16,7 @@ from reranker_server.app import create_app
 from reranker_server.devices import GpuGate
 from reranker_server.engine.cache import MemoryScoreCache
 from reranker_server.engine.cascade import Engine
-from reranker_server.log_format import JsonFormatter, TextFormatter
+from reranker_server.logs import JsonFormatter, TextFormatter
 from reranker_server.settings import Settings
 
 from .conftest import running
@@ -151,7 +151,7 @@ def test_cache_disabled_setting(make_settings: Callable[..., Settings]) -> None:
 
 def test_configure_logging_writes_json_lines() -> None:
     code = (
-        "import logging; from reranker_server.cli import configure_logging;"
+        "import logging; from reranker_server.logs import configure_logging;"
         "configure_logging('info', 'json');"
         "logging.getLogger('reranker_server.x').info('hello %s', 'you', extra={'fields': {'n': 1}})"
     )

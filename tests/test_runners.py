@@ -7,7 +7,7 @@ import pytest
 from flashrank import Ranker, RerankRequest
 from sentence_transformers import CrossEncoder
 
-from reranker_server.model_factory import STAGE1_FILE, TestModelPaths
+from reranker_server.model_generator import STAGE1_FILE, TestModelPaths
 from reranker_server.runners.cross_encoder import CrossEncoderRunner
 from reranker_server.runners.flashrank import FlashRankRunner, plan_batches
 

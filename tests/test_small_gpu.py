@@ -13,7 +13,7 @@ import torch
 from reranker_server import devices
 from reranker_server.app import create_app
 from reranker_server.engine.loader import load_engine
-from reranker_server.model_factory import TestModelPaths
+from reranker_server.model_generator import TestModelPaths
 from reranker_server.runners.cross_encoder import CrossEncoderRunner
 from reranker_server.settings import Settings
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from reranker_server.model_factory import TestModelPaths
+from reranker_server.model_generator import TestModelPaths
 
 from .conftest import free_port
 

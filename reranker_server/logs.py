@@ -1,4 +1,4 @@
-"""Log formatters for the entry point (cli.configure_logging): JSON lines or plain text.
+"""Logging: `configure_logging` (called by the entry points) and its formats, JSON lines or text.
 
 A record may carry structured fields in `extra={"fields": {...}}` (the request log does); JSON puts
 them at the top level of the line, text appends them as `key=value`.
@@ -51,3 +51,14 @@ class TextFormatter(logging.Formatter):
             if value is not None
         )
         return f"{text} {pairs}"
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Log lines on stderr, JSON or plain text, unless the host program already configured
+    logging (then its handlers decide the format)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+        root.addHandler(handler)
+    logging.getLogger("reranker_server").setLevel(level.upper())
