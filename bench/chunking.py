@@ -21,7 +21,7 @@ from pathlib import Path
 from reranker_server.engine.loader import load_engine
 from reranker_server.model_generator import WORDS, write_test_models
 from reranker_server.settings import Settings
-from reranker_server.types import LongDocPolicy
+from reranker_server.types import LongDocPolicy, RerankJob
 
 
 def make_documents(count: int, words: int) -> list[str]:
@@ -64,7 +64,7 @@ def main() -> int:
         times = []
         for _ in range(args.repeats):
             started = time.perf_counter()
-            outcome = engine.rerank(query, docs, top_k=10, policy=policy)
+            outcome = engine.rerank(RerankJob(query, docs, top_k=10, policy=policy))
             times.append(time.perf_counter() - started)
         rows.append((name, outcome.windows, outcome.pair_tokens, times))
 

@@ -21,8 +21,10 @@ from reranker_server.devices import detect_accelerator
 from reranker_server.model_generator import write_test_models
 from reranker_server.runners.cross_encoder import CrossEncoderRunner
 
-WORDS = ("paris capital france river city history population europe tower famous built century "
-         "government language people world water food health research science music art").split()
+WORDS = (
+    "paris capital france river city history population europe tower famous built century "
+    "government language people world water food health research science music art"
+).split()
 QUERY = "what is the capital of france"
 
 
@@ -77,21 +79,29 @@ def main() -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
 
     def runner(precision: str, batch_size: int = 32) -> CrossEncoderRunner:
-        return CrossEncoderRunner(str(models / "cross-encoder"), accelerator=accelerator,
-                                  precision=precision, batch_size=batch_size,
-                                  vram_fraction=0.5)
+        return CrossEncoderRunner(
+            str(models / "cross-encoder"),
+            accelerator=accelerator,
+            precision=precision,
+            batch_size=batch_size,
+            vram_fraction=0.5,
+        )
 
     print(f"\nstage 2 on {where}, MiniLM-L6-H384 shape, random weights, {args.repeats} runs\n")
-    print(f"| candidates | fp32 p50 (ms) | fp32 pairs/s | {low} p50 (ms) | {low} pairs/s "
-          f"| {low} / fp32 throughput |")
+    print(
+        f"| candidates | fp32 p50 (ms) | fp32 pairs/s | {low} p50 (ms) | {low} pairs/s "
+        f"| {low} / fp32 throughput |"
+    )
     print("|---:|---:|---:|---:|---:|---:|")
     full, reduced = runner("fp32"), runner(low)
     for size in sizes:
         docs = passages(size)
         p50_a, rate_a = measure(full, docs, args.repeats)
         p50_b, rate_b = measure(reduced, docs, args.repeats)
-        print(f"| {size} | {p50_a * 1e3:.1f} | {rate_a:,.0f} | {p50_b * 1e3:.1f} | {rate_b:,.0f} "
-              f"| {rate_b / rate_a:.2f}x |")
+        print(
+            f"| {size} | {p50_a * 1e3:.1f} | {rate_a:,.0f} | {p50_b * 1e3:.1f} | {rate_b:,.0f} "
+            f"| {rate_b / rate_a:.2f}x |"
+        )
 
     print(f"\nbatch-size sweep ({low}, {max(sizes)} candidates)\n")
     print("| batch size | p50 (ms) | pairs/s | vs batch 32 (or the first) |")

@@ -1,33 +1,27 @@
-"""`create_app(settings)`: the FastAPI application, with models loaded in its lifespan."""
+"""`create_app(settings)`: the FastAPI application around one `RerankService`, whose models load
+in the app's lifespan (before the server listens)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 import traceback
-from collections.abc import Callable
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import Receive, Scope, Send
 
 from . import __version__
-from .api import batch, cohere, health, native
+from .api import health, routes
 from .api import metrics as metrics_route
 from .api.errors import install_error_handlers
 from .api.guard import RequestGuard
 from .api.telemetry import RequestTelemetry
-from .devices import cuda_runtime_available
-from .engine.cascade import Engine
-from .engine.pool import InferencePool
 from .errors import ModelLoadError
 from .metrics import Metrics, StateCollector
+from .service import EngineFactory, RerankService
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
-
-EngineFactory = Callable[[Settings], Engine]
 
 
 class RerankerApp(FastAPI):
@@ -37,18 +31,18 @@ class RerankerApp(FastAPI):
     loaded stops startup with its one-line message instead of a traceback.
     """
 
-    def __init__(self, settings: Settings, engine_factory: EngineFactory) -> None:
+    def __init__(self, settings: Settings, engine_factory: EngineFactory | None = None) -> None:
         super().__init__(
             title="reranker-server",
             version=__version__,
             description="Two-stage reranking: FlashRank on the CPU, then a cross-encoder on GPU.",
         )
         self.settings = settings
-        self._engine_factory = engine_factory
+        self.service = RerankService(settings, engine_factory)
         self.state.settings = settings
-        self.state.engine = None
+        self.state.service = self.service
         self.state.metrics = Metrics()  # a registry per app: apps in one process never collide
-        self.state.metrics.registry.register(StateCollector(lambda: self.state))
+        self.state.metrics.registry.register(StateCollector(self.service.status))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -73,41 +67,24 @@ class RerankerApp(FastAPI):
 
     async def startup(self) -> None:
         """Load and warm up the models; the server listens only after this returns."""
-        self.state.cuda_available = await asyncio.to_thread(cuda_runtime_available)
-        self.state.pool = InferencePool(
-            self.settings.runs(), self.settings.max_queue, self.settings.request_timeout_s
-        )
-        started = time.perf_counter()
-        self.state.engine = await asyncio.to_thread(self._engine_factory, self.settings)
-        self.state.model_load_seconds = time.perf_counter() - started
+        await self.service.start()
         if self.settings.required_api_key() is not None:
             logger.info("API key required on rerank routes (Authorization: Bearer)")
 
     async def shutdown(self) -> None:
         """Let running inference finish, then release the models."""
-        pool: InferencePool | None = getattr(self.state, "pool", None)
-        if pool is not None:
-            await asyncio.to_thread(pool.shutdown)
-        engine: Engine | None = self.state.engine
-        if engine is not None:
-            await asyncio.to_thread(engine.close)
-        self.state.engine = None
+        await self.service.close()
 
 
 def create_app(
     settings: Settings | None = None, engine_factory: EngineFactory | None = None
 ) -> RerankerApp:
     """Build the app. `engine_factory` defaults to loading the models the settings name."""
-    if engine_factory is None:
-        from .engine.loader import load_engine
-
-        engine_factory = load_engine
     settings = settings or Settings()
     app = RerankerApp(settings, engine_factory)
     install_error_handlers(app)
-    app.include_router(native.router)
-    app.include_router(batch.router)
-    app.include_router(cohere.router)
+    for router in routes.ROUTERS:
+        app.include_router(router)
     app.include_router(health.router)
     app.include_router(metrics_route.router)
     app.add_middleware(

@@ -1,6 +1,12 @@
-"""The error hierarchy. Each error has a stable `error_type`; api/errors.py maps them to HTTP."""
+"""The error hierarchy. Each error has a stable `error_type`; api/errors.py maps every one of them
+to its HTTP status in one table. Nothing here speaks HTTP: an input error names the part of the
+job it is about (`query`, `documents[3]`, `candidates`), and the HTTP layer renames that to the
+request's own field (`texts[3]` in TEI's body, `requests[2].documents[3]` in a batch)."""
 
 from __future__ import annotations
+
+import re
+from collections.abc import Mapping
 
 
 class RerankerError(Exception):
@@ -18,6 +24,30 @@ class InvalidRequestError(RerankerError):
         super().__init__(message)
         self.field = field
 
+    def renamed(self, names: Mapping[str, str]) -> InvalidRequestError:
+        """The same error with the job's part names (keys: `documents`, `query`, ...) replaced by
+        the request's field paths, in the message and the field."""
+        if not names:
+            return self
+        pattern = re.compile(
+            r"(?<![\w.\]])(" + "|".join(re.escape(k) for k in names) + r")(?![\w])"
+        )
+
+        def swap(text: str) -> str:
+            return pattern.sub(lambda m: names[m.group(1)], text)
+
+        copy = type(self).__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        copy.args = (swap(str(self)),)
+        copy.field = swap(self.field) if self.field is not None else None
+        return copy
+
+
+class InvalidJsonError(InvalidRequestError):
+    """The body is not JSON (bad syntax, undecodable bytes, nested too deeply)."""
+
+    error_type = "invalid_json"
+
 
 class ModelNotFoundError(InvalidRequestError):
     """The request names a model this server does not serve (only when names are restricted)."""
@@ -25,10 +55,33 @@ class ModelNotFoundError(InvalidRequestError):
     error_type = "model_not_found"
 
 
+class RouteNotFoundError(RerankerError):
+    """No route at this path (or not with this method)."""
+
+    error_type = "not_found"
+
+
+class MethodNotAllowedError(RerankerError):
+    error_type = "method_not_allowed"
+
+
 class UnauthorizedError(RerankerError):
     """An API key is required and the request did not bring the right one."""
 
     error_type = "unauthorized"
+    field = "authorization"
+
+
+class PayloadTooLargeError(InvalidRequestError):
+    """The body is over `max_body_bytes`."""
+
+    error_type = "payload_too_large"
+
+
+class UnsupportedMediaTypeError(InvalidRequestError):
+    """The body is not plain JSON (another Content-Type, or compressed)."""
+
+    error_type = "unsupported_media_type"
 
 
 class OverloadedError(RerankerError):
@@ -49,6 +102,13 @@ class RequestTimeoutError(RerankerError):
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class RequestCancelledError(RerankerError):
+    """Nobody waits for the answer any more (the client closed the connection): the work was
+    dropped. Never sent to anyone; counted and logged as 499."""
+
+    error_type = "client_closed_request"
 
 
 class NotReadyError(RerankerError):

@@ -10,13 +10,19 @@ read at scrape time by `StateCollector`, so nothing has to keep them up to date.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .engine.trace import RequestTrace
+
+if TYPE_CHECKING:
+    from .devices import GpuGate
+    from .engine.cache import ScoreCache
+    from .engine.engine import EngineStatus
+    from .service import ServiceStatus
 
 # 0.5 ms .. 60 s: a cache hit is sub-millisecond, 1,000 long passages on a CPU take seconds.
 LATENCY_BUCKETS = (
@@ -118,37 +124,35 @@ class Metrics:
 
 
 class StateCollector(Collector):
-    """Gauges read at scrape time from the app's state (`state()` returns app.state)."""
+    """Gauges read at scrape time from the service's `status()`."""
 
-    def __init__(self, state: Callable[[], Any]) -> None:
-        self._state = state
+    def __init__(self, status: Callable[[], ServiceStatus]) -> None:
+        self._status = status
 
     def describe(self) -> Iterable[Metric]:
         return []  # dynamic: some families exist only with a GPU or a cache
 
     def collect(self) -> Iterable[Metric]:
-        state = self._state()
-        pool = getattr(state, "pool", None)
+        status = self._status()
         queued = GaugeMetricFamily(
             "reranker_queue_depth_requests", "Requests waiting for an inference worker."
         )
         running = GaugeMetricFamily(
             "reranker_in_flight_requests", "Requests running in an inference worker."
         )
-        queued.add_metric([], pool.queued if pool is not None else 0)
-        running.add_metric([], pool.running if pool is not None else 0)
+        queued.add_metric([], status.queued)
+        running.add_metric([], status.running)
         yield queued
         yield running
 
-        load_s = getattr(state, "model_load_seconds", None)
-        if load_s is not None:
+        if status.model_load_seconds is not None:
             load = GaugeMetricFamily(
                 "reranker_model_load_seconds", "Time to load and warm up the models at startup."
             )
-            load.add_metric([], load_s)
+            load.add_metric([], status.model_load_seconds)
             yield load
 
-        engine = getattr(state, "engine", None)
+        engine = status.engine
         if engine is None:
             return
         yield from _scheduler_metrics(engine)
@@ -157,7 +161,7 @@ class StateCollector(Collector):
         yield from _breaker_metrics(engine)
 
 
-def _cache_metrics(cache: Any) -> Iterable[Metric]:
+def _cache_metrics(cache: ScoreCache | None) -> Iterable[Metric]:
     if cache is None:
         return
     stats = cache.stats()
@@ -187,8 +191,8 @@ def _cache_metrics(cache: Any) -> Iterable[Metric]:
         yield size
 
 
-def _gpu_metrics(gate: Any) -> Iterable[Metric]:
-    accelerator = getattr(gate, "accelerator", None)
+def _gpu_metrics(gate: GpuGate) -> Iterable[Metric]:
+    accelerator = gate.accelerator
     if accelerator is None:
         return
     try:
@@ -209,16 +213,16 @@ def _gpu_metrics(gate: Any) -> Iterable[Metric]:
     yield free_family
 
 
-def _breaker_metrics(engine: Any) -> Iterable[Metric]:
+def _breaker_metrics(engine: EngineStatus) -> Iterable[Metric]:
     """The OOM ladder's rungs and the breaker's probes and state (only with a GPU model)."""
-    runner = getattr(engine, "stage2_gpu", None)
+    runner = engine.stage2_gpu
     if runner is None:
         return
     rungs = CounterMetricFamily(
         "reranker_gpu_oom_retries",
         "Stage-2 batches retried with half the pairs after a CUDA out-of-memory.",
     )
-    rungs.add_metric([], getattr(runner, "oom_retries", 0))
+    rungs.add_metric([], runner.stats().get("oom_retries", 0.0))
     yield rungs
     probes = CounterMetricFamily(
         "reranker_gpu_probes",
@@ -236,11 +240,8 @@ def _breaker_metrics(engine: Any) -> Iterable[Metric]:
     yield cooling
 
 
-def _scheduler_metrics(engine: Any) -> Iterable[Metric]:
+def _scheduler_metrics(engine: EngineStatus) -> Iterable[Metric]:
     """Pairs waiting for a compute thread, and threads computing, per scheduler."""
-    schedulers = {"cpu": getattr(engine, "scheduler", None)}
-    if getattr(engine, "gpu_scheduler", None) is not schedulers["cpu"]:
-        schedulers["gpu"] = engine.gpu_scheduler
     queued = GaugeMetricFamily(
         "reranker_queued_pairs", "Pairs waiting for a compute thread.", labels=["scheduler"]
     )
@@ -249,9 +250,8 @@ def _scheduler_metrics(engine: Any) -> Iterable[Metric]:
         "Compute threads running a batch now.",
         labels=["scheduler"],
     )
-    for name, scheduler in schedulers.items():
-        if scheduler is not None:
-            queued.add_metric([name], scheduler.queued)
-            busy.add_metric([name], scheduler.busy)
+    for name, scheduler in engine.schedulers.items():
+        queued.add_metric([name], scheduler.queued)
+        busy.add_metric([name], scheduler.busy)
     yield queued
     yield busy

@@ -184,10 +184,10 @@ def resolve_stage2(
     return str(path)
 
 
-def stage1_files(settings: Settings) -> FlashRankFiles:
-    """The stage-1 model the settings name, fetched if needed."""
+def stage1_files(settings: Settings, model: str | None = None) -> FlashRankFiles:
+    """A FlashRank model (default: the stage-1 model the settings name), fetched if needed."""
     return resolve_stage1(
-        settings.stage1_model,
+        model or settings.stage1_model,
         settings.model_cache_dir,
         offline=settings.offline,
         timeout_s=settings.download_timeout_s,
@@ -195,10 +195,11 @@ def stage1_files(settings: Settings) -> FlashRankFiles:
     )
 
 
-def stage2_path(settings: Settings) -> str:
-    """The stage-2 model directory the settings name, fetched if needed."""
+def stage2_path(settings: Settings, model: str | None = None) -> str:
+    """A cross-encoder directory (default: the stage-2 model the settings name), fetched if
+    needed."""
     return resolve_stage2(
-        settings.stage2_model,
+        model or settings.stage2_model,
         settings.model_cache_dir,
         offline=settings.offline,
         timeout_s=settings.download_timeout_s,

@@ -35,6 +35,12 @@ class Settings(BaseSettings):
         DEFAULT_STAGE2_MODEL,
         description="sentence-transformers cross-encoder: hub id or local directory.",
     )
+    stage1_kind: str = Field(
+        "flashrank", description="Runner kind of stage 1 (runners/registry.py)."
+    )
+    stage2_kind: str = Field(
+        "cross-encoder", description="Runner kind of stage 2 (runners/registry.py)."
+    )
     model_cache_dir: Path = Field(
         Path("./hf_cache"), description="Where downloaded models are kept (Docker: /app/hf_cache)."
     )
@@ -55,6 +61,11 @@ class Settings(BaseSettings):
     # --- cascade
     candidates: int = Field(
         10, ge=1, description="Documents kept after stage 1 for stage 2 (at least top_k)."
+    )
+    max_candidates: int = Field(
+        100,
+        ge=1,
+        description="Most documents a request may send to stage 2 with its own `candidates`.",
     )
     device: str = Field(
         "auto", description="Stage-2 device: auto, cpu, cuda or cuda:N (auto = CUDA if present)."

@@ -1,7 +1,12 @@
-"""Value types shared by the engine and the HTTP layer. Imports nothing from the package."""
+"""Value types shared by the engine, the service and the HTTP layer. Imports nothing from the
+package: `RerankJob` (one query's work, what every dialect turns its body into), `RerankOutcome`
+(the engine's answer) and the small types they hold."""
 
 from __future__ import annotations
 
+import itertools
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -21,6 +26,8 @@ class ScoredDocument:
     # Characters [start, end) of the document that gave the score, when only part of it was
     # scored (truncated, or the best chunk); None: the whole document.
     window: tuple[int, int] | None = None
+    stage1_score: float | None = None  # stage 1's score of the document (its best window's)
+    stage1_rank: int | None = None  # 1-based place in stage 1's order of the whole request
 
 
 @dataclass(frozen=True)
@@ -70,8 +77,7 @@ class LongDocPolicy:
     into overlapping windows that fit, score every window, the document's score is the best one.
     `max_chunks`: most windows per document (the rest of the text is not scored); `max_tokens`:
     only this many tokens of the document are considered (None: all). `max_windows`: most windows
-    in the whole request (past it the request is refused). `documents_field` names the documents
-    in error messages.
+    in the whole request (past it the request is refused).
     """
 
     mode: LongDocMode = "truncate"
@@ -79,7 +85,6 @@ class LongDocPolicy:
     max_tokens: int | None = None
     keep: KeepSide = "start"
     max_windows: int = 10_000
-    documents_field: str = "documents"
 
 
 @dataclass(frozen=True)
@@ -89,3 +94,58 @@ class TextTokens:
 
     spans: list[tuple[int, int]]
     words: list[int | None]
+
+
+class Cancellation:
+    """A request's cancellation handle: set once (client gone, deadline passed, shutdown); the
+    scheduler drops the request's queued pairs and its caller gets `RequestCancelledError`."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    def cancel(self, reason: str = "client closed the connection") -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+_arrivals = itertools.count()
+
+
+def next_arrival() -> int:
+    return next(_arrivals)
+
+
+@dataclass(frozen=True)
+class RerankJob:
+    """One query's work: what every dialect's body becomes, and what the engine takes.
+
+    `top_k`: results wanted (at most the documents). `candidates`: stage-1 documents passed to
+    stage 2 (None: the engine's default; never fewer than `top_k`). `policy`: long documents
+    (None: the engine's default). `use_cache`: read and write the score cache. `deadline`:
+    `time.monotonic()` by which the work must be done (None: none); `cancel`: set when nobody waits
+    for the answer any more. `order`: the job's place in line; the scheduler runs older jobs'
+    pairs first, so no request overtakes one admitted before it.
+    """
+
+    query: str
+    texts: Sequence[str]
+    top_k: int
+    candidates: int | None = None
+    policy: LongDocPolicy | None = None
+    use_cache: bool = True
+    deadline: float | None = None
+    cancel: Cancellation | None = None
+    order: int = field(default_factory=next_arrival)
+
+
+def job_part_names(position: int) -> dict[str, str]:
+    """How an error names the parts of the job at `position` of a batch (`jobs[2].documents`)."""
+    return {
+        part: f"jobs[{position}].{part}" for part in ("query", "documents", "top_k", "candidates")
+    }

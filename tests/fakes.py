@@ -7,16 +7,18 @@ import re
 from collections.abc import Callable, Sequence
 
 from reranker_server.devices import FailureKind, classify_torch_failure
+from reranker_server.runners.base import Pair, PairwiseRunner
 
 
 def _words(text: str) -> set[str]:
     return set(re.findall(r"[a-z0-9]+", text.lower()))
 
 
-class KeywordRunner:
+class KeywordRunner(PairwiseRunner):
     """Score = share of the query's words found in the document (ties broken by shorter text).
 
-    The right answer is known by construction, so ranking tests can assert order.
+    The right answer is known by construction, so ranking tests can assert order. `calls`: the
+    documents of each model call.
     """
 
     def __init__(
@@ -29,6 +31,13 @@ class KeywordRunner:
         self.device = device
         self.calls: list[list[str]] = []
         self._weight = weight
+
+    def score_pairs(self, pairs: Sequence[Pair]) -> list[float]:
+        """Pairs of one query per call, as the engine and scheduler send them."""
+        scores: list[float] = []
+        for query in dict.fromkeys(q for q, _ in pairs):
+            scores += self.score(query, [d for q, d in pairs if q == query])
+        return scores
 
     def score(self, query: str, documents: Sequence[str]) -> list[float]:
         self.calls.append(list(documents))

@@ -7,7 +7,7 @@ from typing import Any
 
 from reranker_server.app import RerankerApp, create_app
 from reranker_server.devices import GpuGate
-from reranker_server.engine.cascade import Engine
+from reranker_server.engine.engine import Engine
 from reranker_server.settings import Settings
 
 from .fakes import KeywordRunner

@@ -27,9 +27,9 @@ class CountingPool:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pool, name)
 
-    async def run(self, fn: Any) -> Any:
+    async def run(self, fn: Any, deadline: float | None = None) -> Any:
         self.runs += 1
-        return await self.pool.run(fn)
+        return await self.pool.run(fn, deadline)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def app() -> RerankerApp:
 @pytest.fixture(scope="module")
 def server(app: RerankerApp) -> Iterator[str]:
     with running(app) as url:
-        app.state.pool = CountingPool(app.state.pool)
+        app.service.pool = CountingPool(app.service.pool)  # type: ignore[assignment]
         yield url
 
 
@@ -59,10 +59,11 @@ def test_batch_answers_in_order_and_equals_single_requests(server: str, app: Rer
             for q, k in zip(QUERIES, [2, 1, 4, 3], strict=True)
         ]
     }
-    before = app.state.pool.runs
+    pool: Any = app.service.pool
+    before = pool.runs
     response = httpx.post(f"{server}/rerank/batch", json=body)
     assert response.status_code == 200, response.text
-    assert app.state.pool.runs == before + 1  # one unit of work, not one per query
+    assert pool.runs == before + 1  # one unit of work, not one per query
     answers = response.json()["responses"]
     assert [a["results"][0]["index"] for a in answers] == [BEST_FIRST[0], 3, 0, 2]
     for answer, item in zip(answers, body["requests"], strict=True):

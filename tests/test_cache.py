@@ -9,10 +9,11 @@ import pytest
 
 from reranker_server.devices import GpuGate
 from reranker_server.engine.cache import MemoryScoreCache, namespace, pair_keys, redact_url
-from reranker_server.engine.cascade import Engine
+from reranker_server.engine.engine import Engine
 from reranker_server.engine.loader import fingerprint, load_engine
 from reranker_server.model_generator import TestModelPaths
 from reranker_server.settings import Settings
+from reranker_server.types import RerankJob
 
 from .fakes import FakeClock, KeywordRunner
 
@@ -93,27 +94,27 @@ def test_redact_url_hides_the_password() -> None:
 
 def test_engine_runs_only_pairs_it_has_not_seen() -> None:
     engine, stage1, stage2 = keyword_engine(MemoryScoreCache(1 << 20))
-    first = engine.rerank(QUERY, DOCS[:4], top_k=3)
+    first = engine.rerank(RerankJob(QUERY, DOCS[:4], top_k=3))
     assert [s.cached for s in first.stages] == [0, 0]
     stage1.calls.clear()
     stage2.calls.clear()
 
-    second = engine.rerank(QUERY, DOCS[2:], top_k=3)  # DOCS[2:4] seen, DOCS[4:] new
+    second = engine.rerank(RerankJob(QUERY, DOCS[2:], top_k=3))  # DOCS[2:4] seen, DOCS[4:] new
     assert stage1.calls == [DOCS[4:]]
     assert second.stages[0].cached == 2 and second.stages[0].documents == 4
     assert second.cache_hits >= 2
 
     # A batch-independent scorer: scores with the cache equal a fresh engine's, exactly.
     fresh_engine, _, _ = keyword_engine(None)
-    fresh = fresh_engine.rerank(QUERY, DOCS[2:], top_k=3)
+    fresh = fresh_engine.rerank(RerankJob(QUERY, DOCS[2:], top_k=3))
     assert second.results == fresh.results
 
 
 def test_repeated_request_is_served_from_the_cache() -> None:
     engine, stage1, stage2 = keyword_engine(MemoryScoreCache(1 << 20))
-    first = engine.rerank(QUERY, DOCS, top_k=2)
+    first = engine.rerank(RerankJob(QUERY, DOCS, top_k=2))
     calls = (len(stage1.calls), len(stage2.calls))
-    again = engine.rerank(QUERY, DOCS, top_k=2)
+    again = engine.rerank(RerankJob(QUERY, DOCS, top_k=2))
     assert (len(stage1.calls), len(stage2.calls)) == calls  # no model ran
     assert again.results == first.results
     assert [s.cached for s in again.stages] == [len(DOCS), 3]
@@ -123,11 +124,11 @@ def test_repeated_request_is_served_from_the_cache() -> None:
 def test_use_cache_false_neither_reads_nor_writes() -> None:
     cache = MemoryScoreCache(1 << 20)
     engine, stage1, _ = keyword_engine(cache)
-    outcome = engine.rerank(QUERY, DOCS, top_k=2, use_cache=False)
+    outcome = engine.rerank(RerankJob(QUERY, DOCS, top_k=2, use_cache=False))
     assert cache.stats()["entries"] == 0
     assert all(s.cached is None for s in outcome.stages)
-    engine.rerank(QUERY, DOCS, top_k=2)
-    engine.rerank(QUERY, DOCS, top_k=2, use_cache=False)
+    engine.rerank(RerankJob(QUERY, DOCS, top_k=2))
+    engine.rerank(RerankJob(QUERY, DOCS, top_k=2, use_cache=False))
     assert len(stage1.calls) == 3
 
 
@@ -135,9 +136,9 @@ def test_stage_namespaces_are_separate() -> None:
     """The same (query, document) pair scored by stage 1 must not answer stage 2."""
     cache = MemoryScoreCache(1 << 20)
     engine, _, _ = keyword_engine(cache)
-    engine.rerank(QUERY, DOCS[:3], top_k=3)
+    engine.rerank(RerankJob(QUERY, DOCS[:3], top_k=3))
     assert cache.stats()["entries"] == 6  # 3 pairs x 2 stages
-    outcome = engine.rerank(QUERY, DOCS[:3], top_k=3)
+    outcome = engine.rerank(RerankJob(QUERY, DOCS[:3], top_k=3))
     by_index = {r.index: r.score for r in outcome.results}
     assert by_index == {i: 1 / (1 + len(DOCS[i])) for i in range(3)}  # stage 2's scores
 
@@ -160,9 +161,9 @@ def test_real_models_cached_scores_equal_fresh_ones(
     cached_and_fresh: tuple[Engine, Engine],
 ) -> None:
     cached, fresh = cached_and_fresh
-    first = cached.rerank(QUERY, DOCS, top_k=4)
-    again = cached.rerank(QUERY, DOCS, top_k=4)
-    reference = fresh.rerank(QUERY, DOCS, top_k=4)
+    first = cached.rerank(RerankJob(QUERY, DOCS, top_k=4))
+    again = cached.rerank(RerankJob(QUERY, DOCS, top_k=4))
+    reference = fresh.rerank(RerankJob(QUERY, DOCS, top_k=4))
     assert [s.cached for s in again.stages] == [len(DOCS), 4]
     assert again.results == first.results == reference.results  # exact floats, same order
 
@@ -173,8 +174,8 @@ def test_real_models_partial_overlap_scores_new_pairs_alone(
     """With a partly-seen request, cached pairs keep the score they were computed with and the new
     pairs get exactly what the model gives them when scored together (the same batch)."""
     cached, fresh = cached_and_fresh
-    cached.rerank(QUERY, DOCS[:4], top_k=4)
-    outcome = cached.rerank(QUERY, DOCS[2:], top_k=4)
+    cached.rerank(RerankJob(QUERY, DOCS[:4], top_k=4))
+    outcome = cached.rerank(RerankJob(QUERY, DOCS[2:], top_k=4))
     assert outcome.stages[0].cached == 2
     seen = fresh.stage1.score(QUERY, DOCS[:4])
     new = fresh.stage1.score(QUERY, DOCS[4:])

@@ -14,7 +14,7 @@ import pytest
 
 from reranker_server.app import create_app
 from reranker_server.devices import GpuGate
-from reranker_server.engine.cascade import Engine
+from reranker_server.engine.engine import Engine
 from reranker_server.engine.scheduler import Scheduler
 from reranker_server.settings import Settings
 

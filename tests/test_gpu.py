@@ -13,6 +13,7 @@ from reranker_server.engine.loader import load_engine
 from reranker_server.model_generator import TestModelPaths
 from reranker_server.runners.cross_encoder import CrossEncoderRunner
 from reranker_server.settings import Settings
+from reranker_server.types import RerankJob
 
 pytestmark = pytest.mark.gpu
 
@@ -31,7 +32,7 @@ def test_engine_uses_the_gpu(
     make_settings: Callable[..., Settings], tiny_models: TestModelPaths
 ) -> None:
     engine = load_engine(make_settings(device="auto", min_free_vram_mb=1))
-    out = engine.rerank(QUERY, DOCS, top_k=3)
+    out = engine.rerank(RerankJob(QUERY, DOCS, top_k=3))
     assert (out.backend, out.fallback) == ("gpu", None)
     assert out.stages[-1].device == "cuda:0"
     cpu = CrossEncoderRunner(str(tiny_models.stage2)).score(QUERY, DOCS)
@@ -46,7 +47,7 @@ def test_real_oom_falls_back_to_stage1(make_settings: Callable[..., Settings]) -
     torch.cuda.set_per_process_memory_fraction(1e-6, 0)
     try:
         docs = [" ".join(["paris"] * 400)] * 64
-        out = engine.rerank(QUERY, docs, top_k=3)
+        out = engine.rerank(RerankJob(QUERY, docs, top_k=3))
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, 0)
     assert (out.backend, out.fallback) == ("cpu", "oom")

@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from reranker_server.app import create_app
 from reranker_server.devices import GpuGate
 from reranker_server.engine.cache import MemoryScoreCache
-from reranker_server.engine.cascade import Engine
+from reranker_server.engine.engine import Engine
 from reranker_server.settings import Settings
 
 from .conftest import running

@@ -15,7 +15,7 @@ import pytest
 from reranker_server.app import create_app
 from reranker_server.devices import GpuGate
 from reranker_server.engine.cache import MemoryScoreCache
-from reranker_server.engine.cascade import Engine
+from reranker_server.engine.engine import Engine
 from reranker_server.logs import JsonFormatter, TextFormatter
 from reranker_server.settings import Settings
 
@@ -37,7 +37,6 @@ def keyword_factory(cache: MemoryScoreCache) -> Callable[[Settings], Engine]:
             gate=GpuGate(None, 0, 0),
             stage2_cpu=KeywordRunner("kw2"),
             cache=cache,
-            count_tokens=lambda query, docs: sum(len((query + " " + d).split()) for d in docs),
         )
 
     return build
@@ -76,7 +75,9 @@ def test_one_json_line_per_request_without_text(
     assert line["request_id"] == "trace-42"
     assert line["route"] == "/rerank" and line["dialect"] == "native"
     assert line["status"] == 200 and line["method"] == "POST"
-    assert line["documents"] == 3 and line["top_k"] == 2 and line["tokens"] == 18
+    assert (
+        line["documents"] == 3 and line["top_k"] == 2 and line["tokens"] == 24
+    )  # fake runner: words + 2 per pair
     assert line["backend"] == "cpu" and line["client"] == "127.0.0.1"
     assert set(line["stages_ms"]) == {"stage1", "stage2"}
     assert line["cache_hits"] == 0 and line["cache_misses"] == 3 + 3

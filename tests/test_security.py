@@ -8,7 +8,7 @@ import httpx
 
 from reranker_server.app import create_app
 from reranker_server.devices import GpuGate
-from reranker_server.engine.cascade import Engine
+from reranker_server.engine.engine import Engine
 from reranker_server.settings import Settings
 
 from .conftest import running

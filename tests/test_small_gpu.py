@@ -16,6 +16,7 @@ from reranker_server.engine.loader import load_engine
 from reranker_server.model_generator import TestModelPaths
 from reranker_server.runners.cross_encoder import CrossEncoderRunner
 from reranker_server.settings import Settings
+from reranker_server.types import RerankJob
 
 from .conftest import running
 from .fakes import FakeAccelerator
@@ -170,7 +171,7 @@ def test_memory_cap_leaves_room_for_a_neighbour(monkeypatch: pytest.MonkeyPatch)
 
 def test_gpu_nan_scores_fall_back_instead_of_failing(tiny_models: TestModelPaths) -> None:
     from reranker_server.devices import GpuGate
-    from reranker_server.engine.cascade import Engine
+    from reranker_server.engine.engine import Engine
 
     from .fakes import KeywordRunner
 
@@ -183,7 +184,7 @@ def test_gpu_nan_scores_fall_back_instead_of_failing(tiny_models: TestModelPaths
         gate=GpuGate(FakeAccelerator(), 0, 30),
         stage2_gpu=NanRunner("gpu", device="cuda:0"),
     )
-    out = engine.rerank(QUERY, DOCS, top_k=3)
+    out = engine.rerank(RerankJob(QUERY, DOCS, top_k=3))
     assert (out.backend, out.fallback) == ("cpu", "invalid_scores")
     assert all(np.isfinite(r.score) for r in out.results)
     assert engine.gate.state()["gpu_state"] == "cooling_down"

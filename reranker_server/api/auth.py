@@ -1,7 +1,9 @@
-"""The optional API key: `Authorization: Bearer <key>` on every rerank route.
+"""The optional API key: `Authorization: Bearer <key>` on every POST route.
 
-With no key configured any bearer token (or none) is accepted, since the cohere SDK and mem0 always
-send one. The key is compared in constant time and never logged or echoed.
+Checked once, by the ASGI guard (api/guard.py), before the body is read. With no key configured
+any bearer token (or none) is accepted, since the cohere SDK and mem0 always send one. The key is
+compared in constant time and never logged or echoed. `API_KEY_DOCUMENTED` only declares the
+scheme in the OpenAPI docs (the "Authorize" button of /docs); it checks nothing.
 """
 
 from __future__ import annotations
@@ -9,15 +11,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-
-from ..errors import UnauthorizedError
+from fastapi import Security
+from fastapi.security import HTTPBearer
 
 _bearer = HTTPBearer(
     auto_error=False,
     description="Required only when the server sets RERANKER_API_KEY (or RERANKER_API_KEY_FILE).",
 )
+
+API_KEY_DOCUMENTED = [Security(_bearer)]
 
 
 def _digest(text: str) -> bytes:
@@ -36,22 +38,3 @@ def bearer_token(authorization: str | None) -> str | None:
         return None
     scheme, _, token = authorization.partition(" ")
     return token.strip() if scheme.lower() == "bearer" else None
-
-
-def require_api_key(
-    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
-) -> None:
-    """Let the request through when no key is set, or when it brings the key."""
-    expected = request.app.state.settings.required_api_key()
-    if expected is None:
-        return
-    given = credentials.credentials if credentials is not None else ""
-    if not key_matches(given, expected):
-        reason = "missing" if credentials is None else "invalid"
-        raise UnauthorizedError(
-            f"{reason} API key: send the header 'Authorization: Bearer <key>' with the key the "
-            "server was started with (RERANKER_API_KEY)"
-        )
-
-
-API_KEY_REQUIRED = [Depends(require_api_key)]

@@ -9,31 +9,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-from ..engine.cascade import Engine
-from ..engine.pool import InferencePool
 from ..settings import Settings
-from ..types import RerankOutcome
-from .auth import API_KEY_REQUIRED
-from .deps import EngineDep, PoolDep, SettingsDep
+from ..types import RerankJob, RerankOutcome
+from .answer import document_texts, new_id, result_count, returned_document, search_units, usage
 from .long_documents import MaxChunksPerDoc, MaxTokensPerDoc, long_doc_policy
-from .ranking import (
-    RankJob,
-    check_model,
-    document_texts,
-    new_id,
-    rank,
-    result_count,
-    returned_document,
-    search_units,
-    served_model,
-    usage,
-)
-from .schemas import ERROR_RESPONSES, Documents, ModelName, RankFields, ReturnDocuments, TopN, Usage
+from .schemas import Documents, ModelName, RankFields, ReturnDocuments, TopN, Usage
 
-router = APIRouter(tags=["cohere"], dependencies=API_KEY_REQUIRED)
+NAME = "cohere"
 
 COHERE_EXAMPLE: dict[str, Any] = {
     "model": "rerank-v3.5",
@@ -101,30 +85,7 @@ class CohereRerankResponse(BaseModel):
     usage: Usage
 
 
-@router.post("/v1/rerank", response_model=CohereRerankResponse, responses=ERROR_RESPONSES)
-async def rerank_v1(
-    body: CohereRerankRequest, engine: EngineDep, pool: PoolDep, settings: SettingsDep
-) -> CohereRerankResponse:
-    """Cohere v1 rerank (cohere `Client`, mem0, RAGFlow, Jina-style clients)."""
-    return await answer_cohere(body, "1", engine, pool, settings)
-
-
-@router.post("/v2/rerank", response_model=CohereRerankResponse, responses=ERROR_RESPONSES)
-async def rerank_v2(
-    body: CohereRerankRequest, engine: EngineDep, pool: PoolDep, settings: SettingsDep
-) -> CohereRerankResponse:
-    """Cohere v2 rerank (cohere `ClientV2`, langchain-cohere, llama-index, Haystack)."""
-    return await answer_cohere(body, "2", engine, pool, settings)
-
-
-async def answer_cohere(
-    body: CohereRerankRequest,
-    version: Literal["1", "2"],
-    engine: Engine,
-    pool: InferencePool,
-    settings: Settings,
-) -> CohereRerankResponse:
-    check_model(body.model, engine, settings)
+def to_job(body: CohereRerankRequest, settings: Settings) -> RerankJob:
     texts = document_texts(body.documents, body.rank_fields)
     policy = long_doc_policy(
         settings,
@@ -132,21 +93,19 @@ async def answer_cohere(
         max_tokens=body.max_tokens_per_doc,
         documents=len(texts),
     )
-    job = RankJob(body.query, texts, result_count(body.top_n, len(texts)), policy=policy)
-    outcome = await rank(job, engine, pool, settings)
-    return to_cohere(outcome, body, version, engine)
+    return RerankJob(body.query, texts, result_count(body.top_n, len(texts)), policy=policy)
 
 
-def to_cohere(
+def from_outcome(
     outcome: RerankOutcome,
     body: CohereRerankRequest,
-    version: Literal["1", "2"],
-    engine: Engine,
+    model: str,
+    version: Literal["1", "2"] = "2",
 ) -> CohereRerankResponse:
     count = len(body.documents)
     return CohereRerankResponse(
         id=new_id(),
-        model=served_model(outcome, engine),
+        model=model,
         results=[
             CohereResult(
                 index=r.index,

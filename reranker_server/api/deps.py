@@ -1,4 +1,4 @@
-"""Typed FastAPI dependencies: what a route may take from the app state."""
+"""Typed FastAPI dependencies: the one thing a route may take from the app, the service."""
 
 from __future__ import annotations
 
@@ -6,27 +6,11 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from ..engine.cascade import Engine
-from ..engine.pool import InferencePool
-from ..errors import NotReadyError
-from ..settings import Settings
+from ..service import RerankService
 
 
-def _engine(request: Request) -> Engine:
-    engine = getattr(request.app.state, "engine", None)
-    if engine is None:
-        raise NotReadyError("models are not loaded yet; retry shortly")
-    return engine
+def _service(request: Request) -> RerankService:
+    return request.app.state.service
 
 
-def _pool(request: Request) -> InferencePool:
-    return request.app.state.pool
-
-
-def _settings(request: Request) -> Settings:
-    return request.app.state.settings
-
-
-EngineDep = Annotated[Engine, Depends(_engine)]
-PoolDep = Annotated[InferencePool, Depends(_pool)]
-SettingsDep = Annotated[Settings, Depends(_settings)]
+ServiceDep = Annotated[RerankService, Depends(_service)]

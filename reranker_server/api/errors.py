@@ -1,4 +1,5 @@
-"""The one error table: exception -> HTTP status, and the JSON error body.
+"""The one error table: every status the server sends comes from an error class (errors.py)
+through `STATUS_BY_ERROR`, and every error body from `error_response`.
 
 Body: `{"error": message, "error_type": kind, "field": name or null, "detail": message}` -- TEI's
 shape, plus the field, plus `detail`, which Jina-style clients read. Unknown exceptions answer a
@@ -8,7 +9,6 @@ generic 500; the traceback goes to the log, never to the client.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,40 +18,42 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import (
     InferenceError,
+    InvalidJsonError,
     InvalidRequestError,
+    MethodNotAllowedError,
     ModelLoadError,
     ModelNotFoundError,
     NotReadyError,
     OverloadedError,
+    PayloadTooLargeError,
+    RequestCancelledError,
     RequestTimeoutError,
     RerankerError,
+    RouteNotFoundError,
     UnauthorizedError,
+    UnsupportedMediaTypeError,
 )
 from .schemas import BODY_SHAPE_TAGS
 
 logger = logging.getLogger(__name__)
 
+# 499: nginx's "client closed request"; only ever seen in metrics and logs (nobody is listening).
 STATUS_BY_ERROR: dict[type[RerankerError], int] = {
-    InvalidRequestError: 422,
-    ModelNotFoundError: 404,
+    InvalidJsonError: 400,
     UnauthorizedError: 401,
+    ModelNotFoundError: 404,
+    RouteNotFoundError: 404,
+    MethodNotAllowedError: 405,
+    PayloadTooLargeError: 413,
+    UnsupportedMediaTypeError: 415,
+    InvalidRequestError: 422,
     OverloadedError: 429,
+    RequestCancelledError: 499,
+    InferenceError: 500,
     RequestTimeoutError: 503,
     NotReadyError: 503,
     ModelLoadError: 503,
-    InferenceError: 500,
 }
-
-
-def error_response(
-    status: int,
-    message: str,
-    error_type: str,
-    field: str | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> JSONResponse:
-    body = {"error": message, "error_type": error_type, "field": field, "detail": message}
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def status_of(exc: RerankerError) -> int:
@@ -60,6 +62,25 @@ def status_of(exc: RerankerError) -> int:
         if cls in STATUS_BY_ERROR:
             return STATUS_BY_ERROR[cls]
     return 500
+
+
+def error_response(exc: RerankerError) -> JSONResponse:
+    """The answer to an error: its status, the JSON body, and the headers it calls for."""
+    status = status_of(exc)
+    message = str(exc)
+    headers: dict[str, str] = {}
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    if isinstance(exc, UnauthorizedError):
+        headers["WWW-Authenticate"] = "Bearer"
+    body = {
+        "error": message,
+        "error_type": exc.error_type,
+        "field": getattr(exc, "field", None),
+        "detail": message,
+    }
+    return JSONResponse(body, status_code=status, headers=headers or None)
 
 
 def _location(loc: tuple[int | str, ...]) -> str:
@@ -71,20 +92,6 @@ def _location(loc: tuple[int | str, ...]) -> str:
     return text or "body"
 
 
-async def _on_reranker_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RerankerError)
-    status = status_of(exc)
-    headers = None
-    retry_after = getattr(exc, "retry_after_s", None)
-    if retry_after is not None:
-        headers = {"Retry-After": str(retry_after)}
-    if status == 401:
-        headers = {"WWW-Authenticate": "Bearer"}
-    if status >= 500:
-        logger.error("%s: %s", exc.error_type, exc, exc_info=exc.__cause__ is not None)
-    return error_response(status, str(exc), exc.error_type, getattr(exc, "field", None), headers)
-
-
 def _error_loc(error: Any) -> tuple[int | str, ...]:
     """The error's location; a fail-fast list check (schemas.fail_fast) adds the item's index."""
     loc = tuple(error.get("loc", ("body",)))
@@ -93,31 +100,53 @@ def _error_loc(error: Any) -> tuple[int | str, ...]:
     return loc
 
 
-async def _on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
+def from_validation(exc: RequestValidationError) -> RerankerError:
+    """FastAPI's validation errors as ours: bad JSON (400) or the first bad field (422)."""
     errors = list(exc.errors())
     if any(e.get("type") == "json_invalid" for e in errors):
-        return error_response(400, "request body is not valid JSON", "invalid_json")
+        return InvalidJsonError("request body is not valid JSON")
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
-    field = _location(_error_loc(first))
     message = "; ".join(f"{_location(_error_loc(e))}: {e['msg']}" for e in errors[:5])
-    return error_response(422, message, "invalid_request", field)
+    return InvalidRequestError(message, field=_location(_error_loc(first)))
+
+
+def from_http(exc: StarletteHTTPException) -> RerankerError:
+    """Starlette's own HTTP errors (no route, wrong method, undecodable body) as ours."""
+    if exc.status_code == 400:  # FastAPI could not decode the body (bad bytes, nested too deep)
+        return InvalidJsonError(
+            "request body is not valid JSON (undecodable bytes or nested too deeply)"
+        )
+    if exc.status_code == 405:
+        return MethodNotAllowedError(str(exc.detail))
+    if exc.status_code == 404:
+        return RouteNotFoundError(str(exc.detail))
+    logger.warning("unexpected HTTP error %d: %s", exc.status_code, exc.detail)
+    return RerankerError(str(exc.detail))
+
+
+async def _on_reranker_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RerankerError)
+    if status_of(exc) >= 500:
+        logger.error("%s: %s", exc.error_type, exc, exc_info=exc.__cause__ is not None)
+    return error_response(exc)
+
+
+async def _on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(from_validation(exc))
 
 
 async def _on_http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    if exc.status_code == 400:  # FastAPI could not decode the body (bad bytes, nested too deep)
-        return error_response(
-            400,
-            "request body is not valid JSON (undecodable bytes or nested too deeply)",
-            "invalid_json",
-        )
-    return error_response(exc.status_code, str(exc.detail), "http_error", headers=exc.headers)
+    response = error_response(from_http(exc))
+    if exc.headers:  # 405's Allow
+        response.headers.update(exc.headers)
+    return response
 
 
 async def _on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
     logger.error("unhandled error", exc_info=exc)
-    return error_response(500, "internal server error", "internal_error")
+    return error_response(RerankerError("internal server error"))
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -10,6 +10,12 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..errors import (
+    PayloadTooLargeError,
+    RerankerError,
+    UnauthorizedError,
+    UnsupportedMediaTypeError,
+)
 from .auth import bearer_token, key_matches
 from .errors import error_response
 
@@ -37,11 +43,11 @@ class RequestGuard:
             if token is None or not key_matches(token, self.api_key):
                 await _reply(
                     send,
-                    401,
-                    "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                    "unauthorized",
-                    "authorization",
-                    {"WWW-Authenticate": "Bearer"},
+                    UnauthorizedError(
+                        f"{'missing' if token is None else 'invalid'} API key: send the header "
+                        "'Authorization: Bearer <key>' with the key the server was started with "
+                        "(RERANKER_API_KEY)"
+                    ),
                 )
                 return
         content_type = headers.get("content-type")
@@ -53,25 +59,25 @@ class RequestGuard:
         elif not _is_json(content_type):
             await _reply(
                 send,
-                415,
-                f"Content-Type must be application/json, got {content_type!r}",
-                "unsupported_media_type",
-                "content-type",
+                UnsupportedMediaTypeError(
+                    f"Content-Type must be application/json, got {content_type!r}",
+                    field="content-type",
+                ),
             )
             return
         encoding = headers.get("content-encoding", "identity").strip().lower()
         if encoding != "identity":  # never inflate: no decompression bombs
             await _reply(
                 send,
-                415,
-                f"Content-Encoding {encoding!r} is not accepted; send plain JSON",
-                "unsupported_media_type",
-                "content-encoding",
+                UnsupportedMediaTypeError(
+                    f"Content-Encoding {encoding!r} is not accepted; send plain JSON",
+                    field="content-encoding",
+                ),
             )
             return
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
-            await _reply(send, 413, self._too_large(), "payload_too_large", "body")
+            await _reply(send, self._too_large())
             return
 
         # Read the body here (bounded), then replay it to the app.
@@ -84,7 +90,7 @@ class RequestGuard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                await _reply(send, 413, self._too_large(), "payload_too_large", "body")
+                await _reply(send, self._too_large())
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -101,20 +107,15 @@ class RequestGuard:
 
         await self.app(scope, replay, send)
 
-    def _too_large(self) -> str:
-        return f"request body exceeds the limit of {self.max_body_bytes} bytes (max_body_bytes)"
+    def _too_large(self) -> PayloadTooLargeError:
+        return PayloadTooLargeError(
+            f"request body exceeds the limit of {self.max_body_bytes} bytes (max_body_bytes)",
+            field="body",
+        )
 
 
-async def _reply(
-    send: Send,
-    status: int,
-    message: str,
-    error_type: str,
-    field: str,
-    headers: dict[str, str] | None = None,
-) -> None:
-    response = error_response(status, message, error_type, field, headers)
-    await response({"type": "http"}, _no_receive, send)
+async def _reply(send: Send, error: RerankerError) -> None:
+    await error_response(error)({"type": "http"}, _no_receive, send)
 
 
 async def _no_receive() -> Message:

@@ -73,8 +73,6 @@ def long_doc_policy(
     max_tokens: int | None = None,
     direction: Literal["left", "right"] | None = None,
     documents: int = 0,
-    prefix: str = "",
-    documents_field: str = "documents",
 ) -> LongDocPolicy:
     """A request's policy: its fields over the server's defaults. Refuses at once, as Cohere
     does, when `documents` x `max_chunks` is past `max_windows_per_request`."""
@@ -84,10 +82,10 @@ def long_doc_policy(
     limit = settings.max_windows_per_request
     if max_chunks is not None and documents * max_chunks > limit:
         raise InvalidRequestError(
-            f"{prefix}max_chunks_per_doc x documents is {max_chunks} x {documents} = "
+            f"max_chunks_per_doc x documents is {max_chunks} x {documents} = "
             f"{max_chunks * documents}; the limit is {limit} windows per request "
             "(max_windows_per_request)",
-            field=f"{prefix}max_chunks_per_doc",
+            field="max_chunks_per_doc",
         )
     return LongDocPolicy(
         mode=mode,
@@ -95,5 +93,4 @@ def long_doc_policy(
         max_tokens=max_tokens,
         keep="end" if direction == "left" else "start",
         max_windows=limit,
-        documents_field=documents_field,
     )

@@ -1,109 +1,46 @@
-"""The native dialect: `POST /rerank {query, documents, top_k}`.
+"""The native dialect: `POST /rerank {query, documents, top_k}` and `POST /rerank/batch`.
 
-The same route also reads TEI's shape (a body with `texts`, answered by api/tei.py) and the
-Cohere-like bodies Jina-style clients send here (`top_n`, object documents, `return_documents`).
-Results carry Cohere's `relevance_score` (and `document` when asked) beside the native fields.
+Also what Jina-style clients send to `/rerank` (`top_n`, object documents, `return_documents`):
+results carry Cohere's `relevance_score` (and `document` when asked) beside the native fields.
+A batch is several native requests answered as one unit of work; an invalid item fails the batch
+with a 422 that names it (`requests[2].top_k`).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body
-from pydantic import Discriminator, Tag
+from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine.cascade import Engine
 from ..errors import InvalidRequestError
 from ..settings import Settings
-from ..types import RerankOutcome
-from .auth import API_KEY_REQUIRED
-from .deps import EngineDep, PoolDep, SettingsDep
+from ..types import RerankJob, RerankOutcome
+from .answer import document_texts, new_id, result_count, returned_document, usage
 from .long_documents import long_doc_policy
-from .ranking import (
-    RankJob,
-    check_model,
-    document_texts,
-    new_id,
-    rank,
-    result_count,
-    returned_document,
-    served_model,
-    usage,
-)
 from .schemas import (
-    ERROR_RESPONSES,
-    NATIVE_SHAPE,
     SPEC_EXAMPLE,
-    TEI_SHAPE,
+    ModelName,
     RerankRequest,
     RerankResponse,
     RerankResult,
     ScoredWindow,
     StageInfo,
+    fail_fast,
 )
-from .tei import TEI_EXAMPLE, TeiRank, TeiRerankRequest, answer_tei
 
-router = APIRouter(tags=["rerank"], dependencies=API_KEY_REQUIRED)
-
-
-def _body_shape(body: Any) -> str:
-    return TEI_SHAPE if isinstance(body, dict) and "texts" in body else NATIVE_SHAPE
+NAME = "native"
 
 
-RerankBody = Annotated[
-    Annotated[RerankRequest, Tag(NATIVE_SHAPE)] | Annotated[TeiRerankRequest, Tag(TEI_SHAPE)],
-    Discriminator(_body_shape),
-    Body(
-        openapi_examples={
-            "native": {"summary": "native", "value": SPEC_EXAMPLE},
-            "cohere-like": {
-                "summary": "Cohere-like (Jina, Open WebUI, Dify, RAGFlow)",
-                "value": {
-                    "model": "rerank-v3.5",
-                    "query": SPEC_EXAMPLE["query"],
-                    "documents": SPEC_EXAMPLE["documents"],
-                    "top_n": None,
-                    "return_documents": "true",
-                },
-            },
-            "tei": {"summary": "TEI (a body with texts)", "value": TEI_EXAMPLE},
-        }
-    ),
-]
-
-
-@router.post(
-    "/rerank",
-    response_model=RerankResponse | list[TeiRank],
-    responses=ERROR_RESPONSES,
-    summary="Rerank (native; also TEI and Cohere-like bodies)",
-)
-async def rerank(
-    body: RerankBody, engine: EngineDep, pool: PoolDep, settings: SettingsDep
-) -> RerankResponse | list[TeiRank]:
-    """Order `documents` by relevance to `query`; return the best `top_k`, best first.
-
-    A body with `texts` is read as TEI's and answered with TEI's bare list of every text.
-    """
-    if isinstance(body, TeiRerankRequest):
-        return await answer_tei(body, engine, pool, settings)
-    check_model(body.model, engine, settings)
-    job = native_job(body, settings)
-    outcome = await rank(job, engine, pool, settings)
-    return to_native(outcome, engine, body)
-
-
-def native_job(body: RerankRequest, settings: Settings, prefix: str = "") -> RankJob:
-    """The engine's work for a native request; `prefix` locates it inside a batch."""
-    texts = document_texts(body.documents, body.rank_fields, f"{prefix}documents")
+def to_job(body: RerankRequest, settings: Settings) -> RerankJob:
+    """The engine's work for a native request."""
+    texts = document_texts(body.documents, body.rank_fields)
     given = body.model_fields_set
     if body.top_k is not None:
         top_k = body.top_k
     elif "top_k" not in given and "top_n" not in given:
         raise InvalidRequestError(
-            f"{prefix}top_k is required (an integer >= 1; or send top_n, where null or 0 = all "
-            "documents)",
-            field=f"{prefix}top_k",
+            "top_k is required (an integer >= 1; or send top_n, where null or 0 = all documents)",
+            field="top_k",
         )
     else:
         top_k = result_count(body.top_n, len(texts))
@@ -114,20 +51,18 @@ def native_job(body: RerankRequest, settings: Settings, prefix: str = "") -> Ran
         max_tokens=body.max_tokens_per_doc,
         direction=body.truncation_direction,
         documents=len(texts),
-        prefix=prefix,
-        documents_field=f"{prefix}documents",
     )
-    return RankJob(
+    return RerankJob(
         body.query,
         texts,
         min(top_k, len(texts)),
-        query_field=f"{prefix}query",
-        documents_field=f"{prefix}documents",
+        candidates=body.candidates,
         policy=policy,
     )
 
 
-def to_native(outcome: RerankOutcome, engine: Engine, body: RerankRequest) -> RerankResponse:
+def from_outcome(outcome: RerankOutcome, body: RerankRequest, model: str) -> RerankResponse:
+    stages = bool(body.return_stages)
     return RerankResponse(
         results=[
             RerankResult(
@@ -143,6 +78,8 @@ def to_native(outcome: RerankOutcome, engine: Engine, body: RerankRequest) -> Re
                 )
                 if body.return_window and r.window is not None
                 else None,
+                stage1_score=r.stage1_score if stages else None,
+                stage1_rank=r.stage1_rank if stages else None,
             )
             for r in outcome.results
         ],
@@ -159,6 +96,68 @@ def to_native(outcome: RerankOutcome, engine: Engine, body: RerankRequest) -> Re
             for s in outcome.stages
         ],
         id=new_id(),
-        model=served_model(outcome, engine),
+        model=model,
         usage=usage(outcome, len(body.documents)),
+    )
+
+
+# --- batch
+
+BATCH_NAME = "batch"
+
+BATCH_EXAMPLE: dict[str, Any] = {
+    "requests": [
+        SPEC_EXAMPLE,
+        {"query": "Where is the Eiffel Tower?", "documents": SPEC_EXAMPLE["documents"], "top_k": 1},
+    ]
+}
+
+
+class BatchRerankRequest(BaseModel):
+    """Several native rerank requests (each `{query, documents, top_k}`)."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [BATCH_EXAMPLE]})
+
+    requests: Annotated[list[RerankRequest], fail_fast(dict, what="an object")] = Field(
+        ..., description="Answered in this order. At most max_batch_requests."
+    )
+    model: ModelName
+
+
+class BatchRerankResponse(BaseModel):
+    id: str
+    responses: list[RerankResponse] = Field(..., description="One per request, in order.")
+
+
+# Errors about the batch's jobs name them `jobs[i]`; the request calls them `requests[i]`.
+BATCH_FIELDS = {"jobs": "requests"}
+
+
+def batch_to_jobs(body: BatchRerankRequest, settings: Settings) -> list[RerankJob]:
+    if len(body.requests) > settings.max_batch_requests:
+        raise InvalidRequestError(
+            f"requests has {len(body.requests)} items; the limit is "
+            f"{settings.max_batch_requests} (max_batch_requests)",
+            field="requests",
+        )
+    jobs = []
+    for i, item in enumerate(body.requests):
+        try:
+            jobs.append(to_job(item, settings))
+        except InvalidRequestError as exc:
+            raise exc.renamed(
+                {name: f"requests[{i}].{name}" for name in RerankRequest.model_fields}
+            ) from exc
+    return jobs
+
+
+def batch_from_outcomes(
+    outcomes: list[RerankOutcome], body: BatchRerankRequest, models: list[str]
+) -> BatchRerankResponse:
+    return BatchRerankResponse(
+        id=new_id(),
+        responses=[
+            from_outcome(outcome, item, model)
+            for outcome, item, model in zip(outcomes, body.requests, models, strict=True)
+        ],
     )

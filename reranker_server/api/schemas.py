@@ -154,6 +154,17 @@ class RerankRequest(BaseModel):
         description="Add `window: {start, end, text}` to results whose score came from part of "
         "the document (truncated, or its best chunk).",
     )
+    candidates: StrictInt | None = Field(
+        None,
+        ge=1,
+        description="Documents stage 1 passes to stage 2 for this request (at least top_k; at "
+        "most the server's max_candidates). Null: the server's default (candidates).",
+    )
+    return_stages: bool | None = Field(
+        None,
+        description="Add each result's stage-1 score and rank (`stage1_score`, `stage1_rank`: "
+        "its 1-based place in stage 1's order of all documents).",
+    )
 
 
 class RerankResult(BaseModel):
@@ -173,6 +184,14 @@ class RerankResult(BaseModel):
         exclude_if=lambda v: v is None,
         description="Only with return_window, for a document scored in part: the part that gave "
         "the score.",
+    )
+    stage1_score: float | None = Field(
+        None, exclude_if=lambda v: v is None, description="Only with return_stages."
+    )
+    stage1_rank: int | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="Only with return_stages: 1-based place in stage 1's order of all documents.",
     )
 
 

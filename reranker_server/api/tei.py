@@ -1,7 +1,7 @@
 """The TEI dialect (HF text-embeddings-inference): `POST /rerank {query, texts}` -> a bare list.
 
-Served by the `/rerank` route (see api/native.py), which reads a body with `texts` as this shape.
-TEI answers every text, best first; `raw_scores` gives the logit behind each score.
+Served by the `/rerank` route (api/routes.py reads a body with `texts` as this shape). TEI answers
+every text, best first; `raw_scores` gives the logit behind each score.
 """
 
 from __future__ import annotations
@@ -10,13 +10,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-from ..engine.cascade import Engine
-from ..engine.pool import InferencePool
 from ..settings import Settings
-from ..types import LongDocMode
+from ..types import LongDocMode, RerankJob, RerankOutcome
+from .answer import logit
 from .long_documents import TruncationDirection, long_doc_policy
-from .ranking import RankJob, check_model, logit, rank
 from .schemas import ModelName, Texts
+
+NAME = "tei"
+
+# TEI calls the documents `texts`.
+FIELDS = {"documents": "texts"}
 
 TEI_EXAMPLE: dict[str, Any] = {
     "query": "What is the capital of France?",
@@ -51,18 +54,15 @@ class TeiRank(BaseModel):
     text: str | None = Field(None, exclude_if=lambda v: v is None)
 
 
-async def answer_tei(
-    body: TeiRerankRequest, engine: Engine, pool: InferencePool, settings: Settings
-) -> list[TeiRank]:
-    check_model(body.model, engine, settings)
+def to_job(body: TeiRerankRequest, settings: Settings) -> RerankJob:
     mode: LongDocMode | None = (
         None if body.truncate is None else ("truncate" if body.truncate else "chunk")
     )
-    policy = long_doc_policy(
-        settings, mode=mode, direction=body.truncation_direction, documents_field="texts"
-    )
-    job = RankJob(body.query, body.texts, len(body.texts), documents_field="texts", policy=policy)
-    outcome = await rank(job, engine, pool, settings)
+    policy = long_doc_policy(settings, mode=mode, direction=body.truncation_direction)
+    return RerankJob(body.query, body.texts, len(body.texts), policy=policy)
+
+
+def from_outcome(outcome: RerankOutcome, body: TeiRerankRequest, model: str) -> list[TeiRank]:
     return [
         TeiRank(
             index=r.index,

@@ -62,10 +62,11 @@ def server_timing(trace: RequestTrace) -> str:
     return ", ".join(parts)
 
 
-def _dialect(endpoint: object) -> str:
-    """The api module that owns an endpoint ("native", "health", ...), else "other"."""
-    module = getattr(endpoint, "__module__", "") or ""
-    return module.rsplit(".", 1)[-1] if module.startswith("reranker_server.api.") else "other"
+def _dialect(route: object) -> str:
+    """The dialect a route serves: its first OpenAPI tag ("native", "cohere", "health", ...),
+    else "other". (A TEI body on /rerank is relabelled "tei" by the answer path.)"""
+    tags = getattr(route, "tags", None)
+    return str(tags[0]) if tags else "other"
 
 
 def _route_table(
@@ -80,7 +81,7 @@ def _route_table(
         elif isinstance(getattr(route, "path", None), str) and hasattr(route, "endpoint"):
             template = prefix + route.path  # type: ignore[attr-defined]
             regex, _, _ = compile_path(template)
-            yield regex, template, _dialect(route.endpoint)
+            yield regex, template, _dialect(route)
 
 
 class RequestTelemetry:
@@ -128,6 +129,7 @@ class RequestTelemetry:
             current_trace.reset(token)
             seconds = time.perf_counter() - started
             route, dialect = self._route(scope)
+            dialect = trace.dialect or dialect
             self.metrics.observe_request(route, dialect, status, seconds, trace)
             self._log(scope, rid, route, dialect, status, seconds, trace)
 
@@ -135,7 +137,7 @@ class RequestTelemetry:
         """Route template and dialect (the api module that owns the route); bounded values."""
         route = scope.get("route")
         if route is not None and hasattr(route, "path"):
-            return route.path, _dialect(getattr(route, "endpoint", None))
+            return route.path, _dialect(route)
         # Answered before routing (the guard's 413 / 415): find the route it was meant for.
         if self._table is None:
             self._table = list(_route_table(self.routes))

@@ -1,4 +1,5 @@
-"""Build an Engine from Settings: resolve model files, load runners, build the cache, warm up."""
+"""Build an Engine from Settings: load each stage's runner by kind (runners/registry.py), build
+the lanes, schedulers and score cache, warm up."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ from pathlib import Path
 
 from ..devices import Accelerator, GpuGate, detect_accelerator
 from ..errors import ModelLoadError
-from ..model_store import stage1_files, stage2_path
-from ..runners.base import Runner
+from ..runners.base import Runner, TokenizingRunner
+from ..runners.registry import load_runner
 from ..settings import Settings
 from ..types import LongDocPolicy
 from .cache import MemoryScoreCache, RedisScoreCache, ScoreCache, namespace
-from .cascade import Engine
-from .scheduler import Lane, PairRunner, RunnerCopies, Scheduler
+from .engine import Engine
+from .scheduler import Lane, RunnerCopies, Scheduler
 from .windows import Windower
 
 logger = logging.getLogger(__name__)
@@ -30,56 +31,35 @@ def load_engine(
 ) -> Engine:
     """Load both stages as the settings say. Raises ModelLoadError with a one-line message.
 
-    `detect(device, memory_limit_mb)` picks the GPU (tests hand in a fake device here).
+    `detect(device, memory_limit_mb)` picks the GPU (tests hand in a fake device here). Each
+    stage's runner comes from the runner registry by kind (`stage1_kind`, `stage2_kind`).
     """
-    from ..runners.flashrank import FlashRankRunner
-
     started = time.perf_counter()
-    threads = settings.threads_per_worker()
-    files = stage1_files(settings)
-    try:
-        stage1 = FlashRankRunner(
-            files.directory,
-            files.onnx_file,
-            max_length=settings.max_length,
-            batch_tokens=settings.stage1_batch_tokens,
-            threads=threads,
-        )
-    except Exception as exc:
+    stage1 = load_runner(settings.stage1_kind, settings.stage1_model, settings)
+    if not isinstance(stage1, TokenizingRunner):
         raise ModelLoadError(
-            f"stage-1 model {files.onnx_file} could not be loaded ({type(exc).__name__}: {exc}); "
-            "fix: delete the directory to download it again, or point RERANKER_STAGE1_MODEL at "
-            "a valid FlashRank model"
-        ) from exc
+            f"runner kind {settings.stage1_kind!r} can't be stage 1: it has no tokenizer for "
+            "long documents (encode_texts); fix: set RERANKER_STAGE1_KIND=flashrank"
+        )
 
     accelerator = detect(settings.device, settings.gpu_memory_limit_mb)
     gate = GpuGate(accelerator, settings.min_free_vram_mb, settings.gpu_cooldown_s)
     stage2_gpu: Runner | None = None
     stage2_cpu: Runner | None = None
-    path = ""
-    if accelerator is not None or settings.stage2_on_cpu:
-        path = stage2_path(settings)
-        if accelerator is not None:
-            stage2_gpu = _load_cross_encoder(path, settings, accelerator=accelerator)
-        if settings.stage2_on_cpu:  # a copy per CPU run: its tokenizer is not thread-safe
-            stage2_cpu = RunnerCopies(
-                [
-                    _load_cross_encoder(path, settings, accelerator=None)
-                    for _ in range(settings.runs())
-                ]
-            )
-    lanes = {"stage1": Lane("stage1", stage1, stage1.max_pairs, stage1.batch_tokens)}
-    if stage2_gpu is not None:  # pairs of concurrent requests share GPU batches
-        lanes["stage2_gpu"] = Lane(
-            "stage2_gpu",
-            PairRunner(stage2_gpu),
-            max_pairs=settings.stage2_batch_size,
-            batch_tokens=settings.stage2_batch_size * settings.max_length,
+    kind, model = settings.stage2_kind, settings.stage2_model
+    if accelerator is not None:
+        stage2_gpu = load_runner(kind, model, settings, accelerator)
+    if settings.stage2_on_cpu:  # a copy per CPU run: a tokenizer may not be thread-safe
+        stage2_cpu = RunnerCopies(
+            [load_runner(kind, model, settings) for _ in range(settings.runs())]
         )
+    lanes = {"stage1": Lane.of("stage1", stage1)}
+    if stage2_gpu is not None:  # pairs of concurrent requests share GPU batches
+        lanes["stage2_gpu"] = Lane.of("stage2_gpu", stage2_gpu)
     if stage2_cpu is not None:  # a request's candidates spread over the CPU runs
         lanes["stage2_cpu"] = Lane(
             "stage2_cpu",
-            PairRunner(stage2_cpu),
+            stage2_cpu,
             max_pairs=max(1, -(-settings.candidates // settings.runs())),
             batch_tokens=settings.stage1_batch_tokens,
         )
@@ -89,10 +69,9 @@ def load_engine(
     cache = build_cache(settings)
     namespaces: dict[str, str] = {}
     if cache is not None:
-        stage1_id = f"{stage1.name}@{fingerprint(files.directory)}"
         namespaces["stage1"] = namespace(
             "stage1",
-            stage1_id,
+            identity(stage1),
             stage1.device,
             max_length=settings.max_length,
             scoring="one-pair-per-call",  # batch-invariant: older batched scores never match
@@ -101,10 +80,10 @@ def load_engine(
             if runner is not None:
                 namespaces[role] = namespace(
                     "stage2",
-                    f"{runner.name}@{fingerprint(Path(path))}",
+                    identity(runner),
                     runner.device,
                     max_length=settings.max_length,
-                    precision=getattr(runner, "precision", "fp32"),  # fp16 scores differ a bit
+                    precision=runner.precision,  # fp16 scores differ a bit
                 )
 
     engine = Engine(
@@ -130,10 +109,15 @@ def load_engine(
     logger.info(
         "models ready in %.1f s (stage 1: %s; stage 2: %s)",
         time.perf_counter() - started,
-        files.directory,
+        stage1.name,
         stage2_gpu.device if stage2_gpu else ("cpu" if stage2_cpu else "off"),
     )
     return engine
+
+
+def identity(runner: Runner) -> str:
+    """The model's identity in score-cache keys: its name and a fingerprint of its files."""
+    return f"{runner.name}@{fingerprint(runner.files)}" if runner.files else runner.name
 
 
 def default_policy(settings: Settings) -> LongDocPolicy:
@@ -174,38 +158,6 @@ def fingerprint(path: Path) -> str:
             while chunk := handle.read(1 << 20):
                 digest.update(chunk)
     return digest.hexdigest()[:16]
-
-
-def _load_cross_encoder(path: str, settings: Settings, accelerator: Accelerator | None) -> Runner:
-    """The GPU one in `stage2_precision`, the CPU one in `stage2_cpu_precision`."""
-    from ..runners.cross_encoder import CrossEncoderRunner
-
-    try:
-        return CrossEncoderRunner(
-            path,
-            accelerator=accelerator,
-            batch_size=settings.stage2_batch_size,
-            max_length=settings.max_length,
-            threads=settings.threads_per_worker(),
-            precision=(
-                settings.stage2_precision
-                if accelerator is not None
-                else settings.stage2_cpu_precision
-            ),
-            vram_fraction=settings.stage2_vram_fraction,
-            trust_remote_code=settings.trust_remote_code,
-            name=_display_name(settings.stage2_model),
-        )
-    except Exception as exc:
-        raise ModelLoadError(
-            f"stage-2 model {path} could not be loaded ({type(exc).__name__}: {exc}); fix: point "
-            "RERANKER_STAGE2_MODEL at a sentence-transformers cross-encoder"
-        ) from exc
-
-
-def _display_name(model: str) -> str:
-    """What clients see: a hub id as it is, a local directory by its last part (no paths)."""
-    return Path(model).name if Path(model).expanduser().is_dir() else model
 
 
 def warm_up(engine: Engine) -> None:

@@ -3,13 +3,13 @@
 At most `workers + max_queue` requests are admitted at once; past that a request is refused at
 once with `OverloadedError` (HTTP 429 + Retry-After) instead of piling up memory. Each admitted
 request gets a thread of its own (cheap: it tokenizes, looks up the cache and then waits), with an
-`Admission` (its place in line and its deadline) in its context: the engine's `Scheduler` runs the
-model calls of all admitted requests in that order on its `workers` compute threads, so this pool
-never oversubscribes the cores. A request that waits plus runs longer than `timeout_s` gets
+deadline (`deadline_for`), which its `RerankJob` carries: the engine's `Scheduler` runs the model
+calls of all admitted requests in line order on its `workers` compute threads, so this pool never
+oversubscribes the cores. A request that waits plus runs past its deadline gets
 `RequestTimeoutError` (HTTP 503 + Retry-After) and its queued pairs are dropped.
 
-The caller's context variables travel into the thread (so the engine sees the request's
-`RequestTrace`); the time it waited for a thread, and for the scheduler, is recorded in that trace.
+The caller's context variables travel into the thread (only the request's `RequestTrace`, for
+tracing); the time it waited for a thread, and for the scheduler, is recorded in that trace.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from ..errors import OverloadedError, RequestTimeoutError
-from .scheduler import Admission, current_admission
 from .trace import current_trace
 
 T = TypeVar("T")
@@ -58,8 +57,13 @@ class InferencePool:
         """Jobs admitted and waiting for a worker."""
         return max(0, self._pending - self._running)
 
-    async def run(self, fn: Callable[[], T]) -> T:
-        """Run `fn` in a worker thread; refuse when full, give up after the timeout."""
+    def deadline_for(self) -> float:
+        """The `time.monotonic()` by which a request admitted now must be answered."""
+        return time.monotonic() + self._timeout_s
+
+    async def run(self, fn: Callable[[], T], deadline: float | None = None) -> T:
+        """Run `fn` in a worker thread; refuse when full, give up at `deadline` (default: the
+        timeout from now)."""
         with self._lock:
             if self._pending >= self._capacity:
                 raise OverloadedError(
@@ -70,7 +74,8 @@ class InferencePool:
             self._pending += 1
         submitted = time.perf_counter()
         context = contextvars.copy_context()
-        context.run(current_admission.set, Admission(deadline=time.monotonic() + self._timeout_s))
+        if deadline is None:
+            deadline = self.deadline_for()
 
         def job() -> T:
             trace = current_trace.get()
@@ -87,7 +92,8 @@ class InferencePool:
         future = self._executor.submit(context.run, job)
         future.add_done_callback(self._release)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), self._timeout_s)
+            wait_s = max(0.0, deadline - time.monotonic())
+            return await asyncio.wait_for(asyncio.wrap_future(future), wait_s)
         except TimeoutError as exc:
             future.cancel()  # drops it if it has not started; a running one finishes alone
             raise RequestTimeoutError(

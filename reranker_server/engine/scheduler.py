@@ -8,98 +8,48 @@ So pairs of concurrent requests share batches (micro-batching across requests), 
 model calls compute at once (each with its own threads: runs x threads <= cores, see
 Settings.runs).
 
-Order is by request, then pair: `InferencePool` gives each request an `Admission` (its place in
-line and its deadline) through a context variable, and every pair of that request, stage 2's too,
-keeps that place. So no request overtakes one admitted before it (FIFO: nothing starves), and a
-request's stage 2 does not wait behind the stage 1 of requests admitted after it. A request past
-its deadline is cancelled: its queued pairs are dropped and the caller gets `RequestTimeoutError`.
+Order is by request, then pair: every pair of a `RerankJob`, stage 2's too, keeps the job's
+`order` (its place in line). So no request overtakes one admitted before it (FIFO: nothing
+starves), and a request's stage 2 does not wait behind the stage 1 of requests admitted after it.
+A job past its `deadline` gets `RequestTimeoutError`, a job whose `cancel` handle is set gets
+`RequestCancelledError`; either way its queued pairs are dropped before they run (a batch already
+running finishes, and its scores for that job are discarded).
 """
 
 from __future__ import annotations
 
 import heapq
-import itertools
 import logging
 import threading
 import time
 from collections.abc import Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from ..errors import RequestTimeoutError
-from ..runners.base import Runner
+from ..errors import RequestCancelledError, RequestTimeoutError
+from ..runners.base import Pair, PairwiseRunner, Runner
+from ..types import Cancellation, next_arrival
 from .trace import current_trace
 
 logger = logging.getLogger(__name__)
 
-Pair = tuple[str, str]
-
-_arrivals = itertools.count()
-
-
-@dataclass(frozen=True)
-class Admission:
-    """A request's place in line, and the `time.monotonic()` by which it must finish."""
-
-    order: int = field(default_factory=lambda: next(_arrivals))
-    deadline: float | None = None
+# How often a waiting request looks at its cancellation handle.
+CANCEL_POLL_S = 0.05
 
 
-current_admission: ContextVar[Admission | None] = ContextVar("reranker_admission", default=None)
-
-
-class BatchRunner(Protocol):
-    """What a lane runs: `prepare` (pre, in the caller's thread) then `run` (core, in a worker)."""
-
-    def prepare(self, pairs: Sequence[Pair]) -> list[Any]:
-        """One item per pair; `length(item)` is its token count."""
-        ...
-
-    def length(self, item: Any) -> int: ...
-
-    def run(self, items: Sequence[Any]) -> list[float]:
-        """One score per item, in order."""
-        ...
-
-
-class PairRunner:
-    """A `BatchRunner` over any `Runner`: items are the pairs, run with `score_pairs` if the runner
-    has it, else one `score` call per query. Lengths are estimated from words (no tokenizer)."""
-
-    def __init__(self, runner: Runner) -> None:
-        self.runner = runner
-
-    def prepare(self, pairs: Sequence[Pair]) -> list[Any]:
-        return list(pairs)
-
-    def length(self, item: Any) -> int:
-        query, document = item
-        return 2 + len(query.split()) + len(document.split())
-
-    def run(self, items: Sequence[Any]) -> list[float]:
-        score_pairs = getattr(self.runner, "score_pairs", None)
-        if score_pairs is not None:
-            return list(score_pairs(items))
-        scores: list[float] = [0.0] * len(items)
-        by_query: dict[str, list[int]] = {}
-        for i, (query, _) in enumerate(items):
-            by_query.setdefault(query, []).append(i)
-        for query, positions in by_query.items():
-            found = self.runner.score(query, [items[i][1] for i in positions])
-            for i, score in zip(positions, found, strict=True):
-                scores[i] = score
-        return scores
-
-
-class RunnerCopies:
+class RunnerCopies(PairwiseRunner):
     """Copies of a runner that two threads must not use at once (a Hugging Face tokenizer changes
     its padding state on every call): each call takes a free copy, or waits for the first one.
     With one copy per scheduler worker, no call waits."""
 
     def __init__(self, copies: Sequence[Runner]) -> None:
-        self.name = copies[0].name
-        self.device = copies[0].device
+        first = copies[0]
+        self.name = first.name
+        self.device = first.device
+        self.precision = first.precision
+        self.max_pairs = first.max_pairs
+        self.batch_tokens = first.batch_tokens
+        self.files = first.files
         self._copies = [(runner, threading.Lock()) for runner in copies]
 
     def _take(self) -> tuple[Runner, threading.Lock]:
@@ -109,20 +59,19 @@ class RunnerCopies:
         self._copies[0][1].acquire()
         return self._copies[0]
 
-    def _call(self, method: str, *args: Any) -> list[float]:
+    def score_pairs(self, pairs: Sequence[Pair]) -> list[float]:
         runner, lock = self._take()
         try:
-            if method == "score_pairs":
-                return PairRunner(runner).run(args[0])
-            return runner.score(*args)
+            return runner.score_pairs(pairs)
         finally:
             lock.release()
 
-    def score(self, query: str, documents: Sequence[str]) -> list[float]:
-        return self._call("score", query, documents)
-
-    def score_pairs(self, pairs: Sequence[Pair]) -> list[float]:
-        return self._call("score_pairs", pairs)
+    def stats(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for runner, _ in self._copies:
+            for key, value in runner.stats().items():
+                totals[key] = totals.get(key, 0.0) + value
+        return totals
 
 
 @dataclass(frozen=True)
@@ -130,9 +79,14 @@ class Lane:
     """One model behind the scheduler, and how big its batches may be."""
 
     name: str
-    runner: BatchRunner
+    runner: Runner
     max_pairs: int = 1
     batch_tokens: int = 8192
+
+    @classmethod
+    def of(cls, name: str, runner: Runner) -> Lane:
+        """A lane with the runner's own batch bounds."""
+        return cls(name, runner, runner.max_pairs, runner.batch_tokens)
 
 
 @dataclass
@@ -170,6 +124,7 @@ class Scheduler:
         self._busy = 0
         self.batches = 0  # model calls made, for tests and metrics
         self.submitted = 0  # pairs ever queued
+        self.dropped = 0  # pairs dropped unrun or discarded: their request gave up
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
             for i in range(runs)
@@ -188,47 +143,72 @@ class Scheduler:
         """Workers running a batch now."""
         return self._busy
 
-    def score(self, lane: Lane, pairs: Sequence[Pair]) -> tuple[list[float], int]:
-        """Scores of `pairs` (in order) and their total tokens; blocks until all are scored."""
+    def score(
+        self,
+        lane: Lane,
+        pairs: Sequence[Pair],
+        *,
+        order: int | None = None,
+        deadline: float | None = None,
+        cancel: Cancellation | None = None,
+    ) -> tuple[list[float], int]:
+        """Scores of `pairs` (in order) and their total tokens; blocks until all are scored.
+
+        `order`: the request's place in line (None: now); `deadline` (`time.monotonic()`) and
+        `cancel`: when to give up, see the module docstring."""
         if not pairs:
             return [], 0
+        if order is None:
+            order = next_arrival()
         items = lane.runner.prepare(pairs)
         lengths = [lane.runner.length(item) for item in items]
         ticket = _Ticket(
             scores=[0.0] * len(items), remaining=len(items), submitted=time.monotonic()
         )
-        order = sorted(range(len(items)), key=lambda i: (-lengths[i], i))
-        admission = current_admission.get() or Admission()
+        positions = sorted(range(len(items)), key=lambda i: (-lengths[i], i))
         with self._cond:
             if self._closed:
                 raise RuntimeError("scheduler is shut down")
             queue = self._queues.setdefault(lane.name, [])
-            for position in order:
+            for position in positions:
                 self._sequence += 1
-                key = (admission.order, self._sequence)
+                key = (order, self._sequence)
                 entry = _Entry(key, lane, items[position], lengths[position], ticket, position)
                 heapq.heappush(queue, entry)
             self.submitted += len(items)
             self._cond.notify_all()
-        self._wait(ticket, admission.deadline)
+        self._wait(ticket, deadline, cancel)
         trace = current_trace.get()
         if trace is not None and ticket.started is not None:
             trace.queue_wait_s = (trace.queue_wait_s or 0.0) + ticket.started - ticket.submitted
         return ticket.scores, sum(lengths)
 
-    def _wait(self, ticket: _Ticket, deadline: float | None) -> None:
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not ticket.done.wait(timeout):
-            with self._cond:
-                ticket.cancelled = True
-                for name, queue in list(self._queues.items()):
-                    self._queues[name] = [e for e in queue if e.ticket is not ticket]
-                    heapq.heapify(self._queues[name])
-            raise RequestTimeoutError(
-                "request did not finish in time; retry later", retry_after_s=1
-            )
+    def _wait(self, ticket: _Ticket, deadline: float | None, cancel: Cancellation | None) -> None:
+        while True:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if cancel is not None:
+                timeout = CANCEL_POLL_S if timeout is None else min(timeout, CANCEL_POLL_S)
+            if ticket.done.wait(timeout):
+                break
+            if cancel is not None and cancel.cancelled:
+                self._drop(ticket)
+                raise RequestCancelledError(f"request cancelled: {cancel.reason}")
+            if deadline is not None and time.monotonic() >= deadline:
+                self._drop(ticket)
+                raise RequestTimeoutError(
+                    "request did not finish in time; retry later", retry_after_s=1
+                )
         if ticket.error is not None:
             raise ticket.error
+
+    def _drop(self, ticket: _Ticket) -> None:
+        """Forget a ticket's queued pairs; a batch already running discards its scores."""
+        with self._cond:
+            ticket.cancelled = True
+            for name, queue in list(self._queues.items()):
+                self._queues[name] = [e for e in queue if e.ticket is not ticket]
+                heapq.heapify(self._queues[name])
+            self.dropped += ticket.remaining
 
     def _take(self) -> list[_Entry]:
         """The oldest queued pair and those right behind it in its lane that fit one batch."""

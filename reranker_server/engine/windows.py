@@ -126,7 +126,7 @@ class Windower:
 def _too_many_windows(
     documents: Sequence[str], index: int, budget: int, policy: LongDocPolicy
 ) -> InvalidRequestError:
-    field = policy.documents_field
+    field = "documents"  # the job's part; the HTTP layer names the request's field
     return InvalidRequestError(
         f"{field} would need more than {policy.max_windows} windows of {budget} tokens (reached "
         f"at {field}[{index}] of {len(documents)}); the limit is {policy.max_windows} windows per "
@@ -193,5 +193,4 @@ def _keep_start(policy: LongDocPolicy) -> LongDocPolicy:
         max_tokens=policy.max_tokens,
         keep="start",
         max_windows=policy.max_windows,
-        documents_field=policy.documents_field,
     )

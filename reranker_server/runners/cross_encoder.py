@@ -15,22 +15,28 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from sentence_transformers import CrossEncoder
 
+from ..errors import ModelLoadError
+from .base import Pair, PairwiseRunner
+
 if TYPE_CHECKING:
     from ..devices import Accelerator
+    from ..settings import Settings
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class CrossEncoderRunner:
-    """Scores pairs with a cross-encoder on one torch device."""
+class CrossEncoderRunner(PairwiseRunner):
+    """Scores pairs with a cross-encoder on one torch device; it batches (and retries on OOM)
+    itself, so the scheduler hands it up to `batch_size` pairs per call."""
 
     def __init__(
         self,
@@ -48,6 +54,7 @@ class CrossEncoderRunner:
         self._accelerator = accelerator
         self.device = accelerator.torch_device if accelerator is not None else "cpu"
         self._batch_size = batch_size
+        self.max_pairs = batch_size
         self._vram_fraction = vram_fraction
         torch.set_num_threads(threads)
         self._model = CrossEncoder(
@@ -64,18 +71,20 @@ class CrossEncoderRunner:
         # never longer than the model's position table (a longer pair would be a 500)
         self._max_length = min(max_length, int(config.max_position_embeddings))
         self._model.max_length = self._max_length
+        self.batch_tokens = batch_size * self._max_length
         # activation bytes one token costs in a forward pass (hidden states, FFN, attention row)
         width = 8 * config.hidden_size + 2 * config.intermediate_size
         self._bytes_per_token = DTYPES[precision].itemsize * (
             width + config.num_attention_heads * self._max_length
         )
         self.name = name or model_path  # shown to clients: a hub id, never a local path
+        self.files: Path | None = Path(model_path)
         self.oom_retries = 0  # rungs taken down the OOM ladder, for metrics
 
-    def score(self, query: str, documents: Sequence[str]) -> list[float]:
-        return self.score_pairs([(query, doc) for doc in documents])
+    def stats(self) -> dict[str, float]:
+        return {"oom_retries": float(self.oom_retries)}
 
-    def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+    def score_pairs(self, pairs: Sequence[Pair]) -> list[float]:
         """Scores of (query, document) pairs, queries may differ (the scheduler merges requests)."""
         if not pairs:
             return []
@@ -135,3 +144,33 @@ class CrossEncoderRunner:
         # (not relevant, relevant) logits: softmax, as FlashRank does for such models
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         return np.asarray(shifted[:, 1] / shifted.sum(axis=1))
+
+
+def load(model: str, settings: Settings, accelerator: Accelerator | None) -> CrossEncoderRunner:
+    """The `cross-encoder` runner kind: a sentence-transformers cross-encoder (hub id, fetched
+    into the cache, or directory); on the GPU in `stage2_precision` when an accelerator is given,
+    else on the CPU in `stage2_cpu_precision`."""
+    from ..model_store import stage2_path
+
+    path = stage2_path(settings, model)
+    try:
+        return CrossEncoderRunner(
+            path,
+            accelerator=accelerator,
+            batch_size=settings.stage2_batch_size,
+            max_length=settings.max_length,
+            threads=settings.threads_per_worker(),
+            precision=(
+                settings.stage2_precision
+                if accelerator is not None
+                else settings.stage2_cpu_precision
+            ),
+            vram_fraction=settings.stage2_vram_fraction,
+            trust_remote_code=settings.trust_remote_code,
+            name=Path(model).name if Path(model).expanduser().is_dir() else model,
+        )
+    except Exception as exc:
+        raise ModelLoadError(
+            f"stage-2 model {path} could not be loaded ({type(exc).__name__}: {exc}); fix: "
+            "point RERANKER_STAGE2_MODEL at a sentence-transformers cross-encoder"
+        ) from exc

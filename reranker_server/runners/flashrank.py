@@ -21,12 +21,18 @@ import json
 import mmap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 from tokenizers import AddedToken, Encoding, Tokenizer
 
+from ..errors import ModelLoadError
 from ..types import TextTokens
+
+if TYPE_CHECKING:
+    from ..devices import Accelerator
+    from ..settings import Settings
 
 
 def load_flashrank_tokenizer(directory: Path, max_length: int) -> tuple[Tokenizer, int]:
@@ -87,7 +93,8 @@ def plan_batches(
 
 
 class FlashRankRunner:
-    """Scores pairs with a FlashRank ONNX cross-encoder on the CPU."""
+    """Scores pairs with a FlashRank ONNX cross-encoder on the CPU (the runner contract,
+    runners/base.py, with a tokenizer for long documents)."""
 
     device = "cpu"
 
@@ -101,6 +108,7 @@ class FlashRankRunner:
         threads: int = 1,
     ) -> None:
         self.name = directory.name
+        self.files: Path | None = directory
         self._batch_tokens = batch_tokens
         self._tokenizer, self._pad_id = load_flashrank_tokenizer(directory, max_length)
         truncation = self._tokenizer.truncation or {}
@@ -117,7 +125,9 @@ class FlashRankRunner:
         )
         self._input_names = {i.name for i in self._session.get_inputs()}
         self.batch_tokens = batch_tokens
-        self.max_pairs = 1 if quantizes_per_batch(onnx_file) else max(1, batch_tokens // 16)
+        per_batch = quantizes_per_batch(onnx_file)
+        self.precision = "int8" if per_batch else "fp32"
+        self.max_pairs = 1 if per_batch else max(1, batch_tokens // 16)
 
     def tokenize(self, query: str, documents: Sequence[str]) -> list[Encoding]:
         """Encode (query, document) pairs, truncated, unpadded."""
@@ -143,6 +153,9 @@ class FlashRankRunner:
 
     def score(self, query: str, documents: Sequence[str]) -> list[float]:
         return self.score_pairs([(query, doc) for doc in documents])
+
+    def stats(self) -> dict[str, float]:
+        return {}
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         if not pairs:
@@ -174,3 +187,25 @@ class FlashRankRunner:
             return np.asarray(1 / (1 + np.exp(-logits.flatten())), dtype=np.float32)
         exp_logits = np.exp(logits)
         return np.asarray(exp_logits[:, 1] / np.sum(exp_logits, axis=1), dtype=np.float32)
+
+
+def load(model: str, settings: Settings, accelerator: Accelerator | None) -> FlashRankRunner:
+    """The `flashrank` runner kind: a FlashRank model name (downloaded into the cache) or
+    directory, on the CPU whatever the accelerator."""
+    from ..model_store import stage1_files
+
+    files = stage1_files(settings, model)
+    try:
+        return FlashRankRunner(
+            files.directory,
+            files.onnx_file,
+            max_length=settings.max_length,
+            batch_tokens=settings.stage1_batch_tokens,
+            threads=settings.threads_per_worker(),
+        )
+    except Exception as exc:
+        raise ModelLoadError(
+            f"FlashRank model {files.onnx_file} could not be loaded ({type(exc).__name__}: "
+            f"{exc}); fix: delete the directory to download it again, or point "
+            "RERANKER_STAGE1_MODEL at a valid FlashRank model"
+        ) from exc

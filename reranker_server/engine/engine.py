@@ -1,9 +1,12 @@
-"""The two-stage cascade: stage 1 scores everything, stage 2 reorders the best candidates.
+"""`Engine`: the two-stage cascade. Stage 1 scores everything, stage 2 reorders the best
+candidates.
 
-Synchronous and HTTP-free: a test, the CLI or a notebook can drive it directly. The HTTP layer runs
-it in a request thread through `engine.pool.InferencePool`. With a `Scheduler` (the loader builds
-one) model calls go through its FIFO queue and worker threads, batched with other requests' pairs;
-without one the runners are called directly in the caller's thread.
+Synchronous and HTTP-free: it takes a `RerankJob` (types.py) and returns a `RerankOutcome`; a test,
+the CLI or a notebook can drive it directly. The service (service.py) runs it in a request thread
+through `engine.pool.InferencePool`. With a `Scheduler` (the loader builds one) model calls go
+through its FIFO queue and worker threads, batched with other requests' pairs, in the job's place
+in line and within its deadline; without one the runners are called directly in the caller's
+thread.
 
 With a score cache (engine/cache.py) each stage looks its pairs up first and sends only the missing
 ones to its model; stage 1 and stage 2 (per device) are separate cache namespaces.
@@ -14,25 +17,25 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from ..devices import GpuGate
-from ..errors import InferenceError, RerankerError
+from ..errors import InferenceError, InvalidRequestError, RerankerError
 from ..runners.base import Runner
 from ..types import (
     Backend,
     FallbackReason,
     LongDocPolicy,
+    RerankJob,
     RerankOutcome,
     ScoredDocument,
     StageReport,
+    job_part_names,
 )
 from .cache import ScoreCache, namespace, pair_keys
-from .scheduler import BatchRunner, Lane, PairRunner, Scheduler
-from .trace import current_trace
+from .scheduler import Lane, Scheduler
 from .windows import Windower, WindowPlan
-
-TokenCounter = Callable[[str, Sequence[str]], int]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,27 @@ def _checked(scores: list[float], expected: int, runner: Runner) -> list[float]:
     return scores
 
 
+@dataclass(frozen=True)
+class EngineStatus:
+    """What the engine serves and how busy it is (read by /health and /metrics)."""
+
+    stage1: Runner
+    stage2_gpu: Runner | None
+    stage2_cpu: Runner | None
+    gate: GpuGate
+    cache: ScoreCache | None
+    candidates: int
+    schedulers: dict[str, Scheduler] = field(default_factory=dict)  # "cpu", "gpu"
+
+    @property
+    def stage2(self) -> Runner | None:
+        return self.stage2_gpu or self.stage2_cpu
+
+    def model_names(self) -> set[str]:
+        runners = (self.stage1, self.stage2_gpu, self.stage2_cpu)
+        return {runner.name for runner in runners if runner is not None}
+
+
 class Engine:
     """Runs the cascade. Never mutates its inputs; scores leave as Python floats."""
 
@@ -64,7 +88,6 @@ class Engine:
         candidates: int = 10,
         cache: ScoreCache | None = None,
         cache_namespaces: Mapping[str, str] | None = None,
-        count_tokens: TokenCounter | None = None,
         windows: Windower | None = None,
         long_documents: LongDocPolicy | None = None,
         scheduler: Scheduler | None = None,
@@ -73,21 +96,18 @@ class Engine:
     ) -> None:
         """`cache`: score cache (None: none). `cache_namespaces`: "stage1", "stage2_gpu",
         "stage2_cpu" -> namespace naming the model identity and its settings (the loader passes
-        file fingerprints; by default the runner's name and device). `count_tokens(query, docs)`:
-        tokens of the pairs stage 1 scores, for metrics and logs (None: not counted; with a
-        scheduler, the tokenizer's count comes for free). `windows`: cuts long documents per
-        `LongDocPolicy` (engine/windows.py; it also counts the tokens); None: documents go to the
-        runners whole. `long_documents`: the policy of requests that bring none. `scheduler`:
-        runs the CPU stages (None: call runners directly); `gpu_scheduler`: runs stage 2 on the
-        GPU (None: the CPU one). `lanes`: role -> batch policy (default: from the runner's
-        `max_pairs` and `batch_tokens`, else one pair per call)."""
+        file fingerprints; by default the runner's name and device). `windows`: cuts long
+        documents per `LongDocPolicy` (engine/windows.py; it also counts the tokens); None:
+        documents go to the runners whole. `long_documents`: the policy of requests that bring
+        none. `scheduler`: runs the CPU stages (None: call runners directly); `gpu_scheduler`:
+        runs stage 2 on the GPU (None: the CPU one). `lanes`: role -> batch policy (default:
+        the runner's own `max_pairs` and `batch_tokens`)."""
         self.stage1 = stage1
         self.stage2_gpu = stage2_gpu
         self.stage2_cpu = stage2_cpu
         self.gate = gate
         self.candidates = candidates
         self.cache = cache
-        self._count_tokens = count_tokens
         self.windows = windows
         self.long_documents = long_documents or LongDocPolicy()
         self._namespaces = {
@@ -105,82 +125,95 @@ class Engine:
         self._lanes = dict(lanes or {})
 
     def _lane(self, role: str, runner: Runner) -> Lane:
-        lane = self._lanes.get(role)
-        if lane is None:
-            batch_runner: BatchRunner = (
-                runner  # type: ignore[assignment]
-                if all(hasattr(runner, a) for a in ("prepare", "length", "run"))
-                else PairRunner(runner)
-            )
-            lane = Lane(
-                role,
-                batch_runner,
-                max_pairs=int(getattr(runner, "max_pairs", 1)),
-                batch_tokens=int(getattr(runner, "batch_tokens", 8192)),
-            )
-            self._lanes[role] = lane
-        return lane
+        if role not in self._lanes:
+            self._lanes[role] = Lane.of(role, runner)
+        return self._lanes[role]
 
     def _score(
-        self, runner: Runner, role: str, query: str, texts: Sequence[str]
-    ) -> tuple[list[float], int | None]:
-        """Scores of `texts` from `runner` (through the scheduler when there is one), and their
-        tokens when the scheduler tokenized them."""
+        self, runner: Runner, role: str, query: str, texts: Sequence[str], job: RerankJob | None
+    ) -> tuple[list[float], int]:
+        """Scores of `texts` from `runner` (through the scheduler when there is one, in the
+        job's place in line) and the tokens the model read."""
+        pairs = [(query, t) for t in texts]
         scheduler = self.gpu_scheduler if role == "stage2_gpu" else self.scheduler
-        if scheduler is None:
-            return runner.score(query, texts), None
-        scores, tokens = scheduler.score(self._lane(role, runner), [(query, t) for t in texts])
-        return scores, tokens if role == "stage1" and self._lanes[role].runner is runner else None
+        if scheduler is None:  # the runner's own count of the tokens, as the scheduler's
+            tokens = sum(runner.length(item) for item in runner.prepare(pairs))
+            return runner.score(query, list(texts)), tokens
+        return scheduler.score(
+            self._lane(role, runner),
+            pairs,
+            order=job.order if job else None,
+            deadline=job.deadline if job else None,
+            cancel=job.cancel if job else None,
+        )
+
+    def status(self) -> EngineStatus:
+        schedulers = {"cpu": self.scheduler, "gpu": self.gpu_scheduler}
+        return EngineStatus(
+            stage1=self.stage1,
+            stage2_gpu=self.stage2_gpu,
+            stage2_cpu=self.stage2_cpu,
+            gate=self.gate,
+            cache=self.cache,
+            candidates=self.candidates,
+            schedulers={
+                name: s
+                for name, s in schedulers.items()
+                if s is not None and (name == "cpu" or s is not self.scheduler)
+            },
+        )
 
     def close(self) -> None:
         """Stop the scheduler threads (queued work finishes first)."""
         for scheduler in {self.scheduler, self.gpu_scheduler} - {None}:
             scheduler.close()  # type: ignore[union-attr]
 
-    def rerank(
-        self,
-        query: str,
-        documents: Sequence[str],
-        top_k: int,
-        *,
-        use_cache: bool = True,
-        policy: LongDocPolicy | None = None,
-    ) -> RerankOutcome:
-        """Best `min(top_k, len(documents))` documents, best first.
-
-        `use_cache=False` (or a request trace that opted out) neither reads nor writes the cache.
-        `policy`: what to do with documents too long for the model (None: the engine's default).
-        """
-        trace = current_trace.get()
-        if trace is not None:
-            use_cache = use_cache and trace.use_cache
-            trace.top_k, trace.query, trace.documents = top_k, query, documents
+    def rerank(self, job: RerankJob) -> RerankOutcome:
+        """The job's best `min(top_k, len(texts))` documents, best first."""
+        documents = job.texts
         plan = (
-            self.windows.plan(query, documents, policy or self.long_documents)
+            self.windows.plan(job.query, documents, job.policy or self.long_documents)
             if self.windows is not None and documents
-            else WindowPlan.whole(query, documents)
+            else WindowPlan.whole(job.query, documents)
         )
-        outcome = self._rerank(plan, documents, top_k, use_cache and self.cache is not None)
-        if trace is not None:
-            trace.outcomes.append(outcome)
-        return outcome
+        return self._rerank(plan, job)
 
-    def _rerank(
-        self, plan: WindowPlan, documents: Sequence[str], top_k: int, use_cache: bool
-    ) -> RerankOutcome:
+    def rerank_many(self, jobs: Sequence[RerankJob]) -> list[RerankOutcome]:
+        """`rerank` for several jobs in one call, answered in order.
+
+        The batch route runs this as one unit of work in the pool, so a batch takes one queue
+        slot and one worker instead of competing with itself.
+        """
+        outcomes = []
+        for position, job in enumerate(jobs):
+            try:
+                outcomes.append(self.rerank(job))
+            except InvalidRequestError as exc:
+                raise exc.renamed(job_part_names(position)) from exc
+        return outcomes
+
+    def _rerank(self, plan: WindowPlan, job: RerankJob) -> RerankOutcome:
         """The cascade over `plan`'s windows; a document's score is its best window's."""
+        documents, top_k = job.texts, job.top_k
         if not documents:
             return RerankOutcome(results=[], backend="cpu")
         query = plan.query
+        use_cache = job.use_cache and self.cache is not None
         window_scores, report, tokens = self._run(
-            self.stage1, "stage1", query, plan.texts, use_cache, plan.pair_tokens
+            self.stage1, "stage1", query, plan.texts, use_cache, job, plan.pair_tokens
         )
         stages = [report]
-        best = plan.best(range(len(plan.texts)), window_scores)
+        first = plan.best(range(len(plan.texts)), window_scores)
+        stage1_order = _rank([first[i][0] for i in range(len(documents))])
+        stage1_rank = {doc: place for place, doc in enumerate(stage1_order, start=1)}
 
-        keep = _rank([best[i][0] for i in range(len(documents))])[: max(self.candidates, top_k)]
+        depth = job.candidates if job.candidates is not None else self.candidates
+        keep = stage1_order[: max(depth, top_k)]
         picked = [w for i in keep for w in plan.windows_of[i]]  # every window of each candidate
-        scores, fallback = self._stage2(query, [plan.texts[w] for w in picked], stages, use_cache)
+        scores, fallback = self._stage2(
+            query, [plan.texts[w] for w in picked], stages, use_cache, job
+        )
+        best = first
         if scores is None:  # stage 1's order is the answer
             order = keep
         else:
@@ -188,7 +221,14 @@ class Engine:
             order = [keep[j] for j in _rank([best[i][0] for i in keep])]
 
         results = [
-            ScoredDocument(i, documents[i], best[i][0], plan.spans[best[i][1]])
+            ScoredDocument(
+                i,
+                documents[i],
+                best[i][0],
+                plan.spans[best[i][1]],
+                stage1_score=first[i][0],
+                stage1_rank=stage1_rank[i],
+            )
             for i in order[:top_k]
         ]
         backend: Backend = "gpu" if scores is not None and fallback is None else "cpu"
@@ -203,25 +243,13 @@ class Engine:
             pair_tokens=sum(plan.pair_tokens or ()),
         )
 
-    def rerank_many(
-        self,
-        jobs: Sequence[tuple[str, Sequence[str], int]],
-        policies: Sequence[LongDocPolicy | None] | None = None,
-    ) -> list[RerankOutcome]:
-        """`rerank` for several (query, documents, top_k) in one call, answered in order
-        (`policies`: one per job, None: the engine's default).
-
-        The HTTP batch route runs this as one unit of work in the pool, so a batch takes one queue
-        slot and one worker instead of competing with itself.
-        """
-        each = policies if policies is not None else [None] * len(jobs)
-        return [
-            self.rerank(query, documents, top_k, policy=policy)
-            for (query, documents, top_k), policy in zip(jobs, each, strict=True)
-        ]
-
     def _stage2(
-        self, query: str, texts: list[str], stages: list[StageReport], use_cache: bool
+        self,
+        query: str,
+        texts: list[str],
+        stages: list[StageReport],
+        use_cache: bool,
+        job: RerankJob,
     ) -> tuple[list[float] | None, FallbackReason | None]:
         """Scores from the GPU cross-encoder if usable, else from the CPU one if configured.
 
@@ -232,13 +260,11 @@ class Engine:
             gpu = self.stage2_gpu
             # the probe queues like any pair: never two threads in the GPU model at once
             fallback = self.gate.check(
-                probe=lambda: self._score(gpu, "stage2_gpu", PROBE_QUERY, [PROBE_DOCUMENT])
+                probe=lambda: self._score(gpu, "stage2_gpu", PROBE_QUERY, [PROBE_DOCUMENT], None)
             )
             if fallback is None:
                 try:
-                    scores, report, _ = self._run(
-                        self.stage2_gpu, "stage2_gpu", query, texts, use_cache
-                    )
+                    scores, report, _ = self._run(gpu, "stage2_gpu", query, texts, use_cache, job)
                     stages.append(report)
                     return scores, None
                 except InferenceError as exc:  # NaN / inf from the GPU (fp16 overflow, say)
@@ -251,7 +277,7 @@ class Engine:
                     fallback = self._device_fault(exc)
         if self.stage2_cpu is None:
             return None, fallback
-        scores, report, _ = self._run(self.stage2_cpu, "stage2_cpu", query, texts, use_cache)
+        scores, report, _ = self._run(self.stage2_cpu, "stage2_cpu", query, texts, use_cache, job)
         stages.append(report)
         return scores, fallback
 
@@ -272,6 +298,7 @@ class Engine:
         query: str,
         texts: Sequence[str],
         use_cache: bool,
+        job: RerankJob,
         pair_tokens: Sequence[int] | None = None,
     ) -> tuple[list[float], StageReport, int]:
         """Scores of `texts` (cached ones looked up, the rest from `runner`), the stage's report
@@ -288,7 +315,7 @@ class Engine:
         if missing:
             todo = [texts[i] for i in missing]
             try:
-                found_scores, counted = self._score(runner, role, query, todo)
+                found_scores, counted = self._score(runner, role, query, todo, job)
                 fresh = _checked(found_scores, len(todo), runner)
             except RerankerError:  # ours already (invalid scores, a timeout): as it is
                 raise
@@ -298,12 +325,8 @@ class Engine:
                 raise InferenceError(
                     f"the {runner.name} model failed: {type(exc).__name__}"
                 ) from exc
-            if role == "stage1" and pair_tokens is not None:
-                tokens = sum(pair_tokens[i] for i in missing)
-            elif counted is not None:
-                tokens = counted
-            elif role == "stage1" and self._count_tokens is not None:
-                tokens = self._count_tokens(query, todo)
+            if role == "stage1":
+                tokens = sum(pair_tokens[i] for i in missing) if pair_tokens else counted
             if keys and self.cache is not None:
                 self.cache.set_many({keys[i]: s for i, s in zip(missing, fresh, strict=True)})
             for i, score in zip(missing, fresh, strict=True):

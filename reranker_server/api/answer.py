@@ -1,0 +1,122 @@
+"""What every dialect shares: documents -> texts, `top_n` -> a count, usage figures, and the one
+answer path from a dialect's jobs through the service.
+
+A dialect module is three parts: its request model, `to_job(body, settings)` and
+`from_outcome(outcome, body, model)`; api/routes.py joins them with `answer` below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import Request
+
+from ..engine.trace import current_trace
+from ..errors import InvalidRequestError
+from ..service import RerankService
+from ..types import RerankJob, RerankOutcome
+from .schemas import Usage
+from .telemetry import cache_wanted
+
+# raw_scores: logit(p) with p kept this far from 0 and 1 (|logit| <= 20.7).
+LOGIT_EPSILON = 1e-9
+
+
+async def answer(
+    request: Request,
+    service: RerankService,
+    dialect: str,
+    jobs: Sequence[RerankJob],
+    names: Mapping[str, str] | None = None,
+) -> list[RerankOutcome]:
+    """Run a request's jobs (one, or a batch as one unit of work) through the service.
+
+    `dialect` labels the request in metrics and logs; `names` maps the job's part names in
+    errors (`documents`, `jobs[2]`) to the request's fields (`texts`, `requests[2]`). The
+    request's cache opt-out (`Cache-Control: no-cache`, `X-Reranker-Cache: off`) goes into the
+    jobs.
+    """
+    trace = current_trace.get()
+    if trace is not None:
+        trace.dialect = dialect
+    use_cache = cache_wanted({k.lower(): v for k, v in request.headers.items()})
+    jobs = [dataclasses.replace(job, use_cache=use_cache) for job in jobs]
+    try:
+        if len(jobs) == 1 and dialect != "batch":
+            return [await service.rerank(jobs[0])]
+        return await service.rerank_batch(jobs)
+    except InvalidRequestError as exc:
+        raise exc.renamed(names or {}) from exc
+
+
+def document_texts(
+    documents: Sequence[str | dict[str, Any]],
+    rank_fields: Sequence[str] | None,
+    field: str = "documents",
+) -> list[str]:
+    """The text ranked for each document: a string as is, an object's `rank_fields` (default
+    `text`); with several fields, one "key: value" line per field present."""
+    keys = list(rank_fields) if rank_fields else ["text"]
+    texts = []
+    for i, doc in enumerate(documents):
+        if isinstance(doc, str):
+            texts.append(doc)
+            continue
+        present = [key for key in keys if doc.get(key) is not None]
+        if not present:
+            wanted = " or ".join(repr(k) for k in keys)
+            raise InvalidRequestError(
+                f"{field}[{i}] is an object without a {wanted} field (set rank_fields to rank "
+                "other fields)",
+                field=f"{field}[{i}]",
+            )
+        if len(keys) == 1:
+            texts.append(_as_text(doc[present[0]]))
+        else:
+            texts.append("\n".join(f"{key}: {_as_text(doc[key])}" for key in present))
+    return texts
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def returned_document(doc: str | dict[str, Any]) -> dict[str, Any]:
+    """What `return_documents` gives back: `{"text": ...}` for a string, an object as sent."""
+    return {"text": doc} if isinstance(doc, str) else doc
+
+
+def result_count(top_n: int | None, documents: int) -> int:
+    """`top_n` as clients mean it: null, 0 or more than the documents = all of them."""
+    if not top_n or top_n > documents:
+        return documents
+    return top_n
+
+
+def usage(outcome: RerankOutcome, documents: int) -> Usage:
+    """The `usage` of an answer: documents, Cohere's search units, tokens ranked."""
+    return Usage(
+        documents=documents,
+        search_units=search_units(documents),
+        total_tokens=outcome.pair_tokens,
+    )
+
+
+def search_units(documents: int) -> int:
+    """Cohere's billing unit: one query with up to 100 documents."""
+    return max(1, math.ceil(documents / 100))
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def logit(score: float) -> float:
+    """The raw logit behind a sigmoid score (what TEI's `raw_scores` returns)."""
+    p = min(max(score, LOGIT_EPSILON), 1.0 - LOGIT_EPSILON)
+    return math.log(p / (1.0 - p))

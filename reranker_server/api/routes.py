@@ -1,0 +1,126 @@
+"""The rerank routes: each reads its dialect's body, turns it into jobs (`to_job`), answers them
+through the service (`answer.answer`) and shapes the outcome (`from_outcome`).
+
+| route                          | dialect module                      |
+|--------------------------------|-------------------------------------|
+| `POST /rerank`                 | native.py, or tei.py for a body with `texts` |
+| `POST /rerank/batch`           | native.py (batch)                   |
+| `POST /v1/rerank`, `/v2/rerank` | cohere.py                          |
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Request
+from pydantic import Discriminator, Tag
+
+from . import cohere, native, tei
+from .answer import answer
+from .auth import API_KEY_DOCUMENTED
+from .deps import ServiceDep
+from .schemas import ERROR_RESPONSES, NATIVE_SHAPE, SPEC_EXAMPLE, TEI_SHAPE, RerankRequest
+
+native_router = APIRouter(tags=["native"], dependencies=API_KEY_DOCUMENTED)
+batch_router = APIRouter(tags=["batch"], dependencies=API_KEY_DOCUMENTED)
+cohere_router = APIRouter(tags=["cohere"], dependencies=API_KEY_DOCUMENTED)
+
+
+def _body_shape(body: Any) -> str:
+    return TEI_SHAPE if isinstance(body, dict) and "texts" in body else NATIVE_SHAPE
+
+
+RerankBody = Annotated[
+    Annotated[RerankRequest, Tag(NATIVE_SHAPE)] | Annotated[tei.TeiRerankRequest, Tag(TEI_SHAPE)],
+    Discriminator(_body_shape),
+    Body(
+        openapi_examples={
+            "native": {"summary": "native", "value": SPEC_EXAMPLE},
+            "cohere-like": {
+                "summary": "Cohere-like (Jina, Open WebUI, Dify, RAGFlow)",
+                "value": {
+                    "model": "rerank-v3.5",
+                    "query": SPEC_EXAMPLE["query"],
+                    "documents": SPEC_EXAMPLE["documents"],
+                    "top_n": None,
+                    "return_documents": "true",
+                },
+            },
+            "tei": {"summary": "TEI (a body with texts)", "value": tei.TEI_EXAMPLE},
+        }
+    ),
+]
+
+
+@native_router.post(
+    "/rerank",
+    response_model=native.RerankResponse | list[tei.TeiRank],
+    responses=ERROR_RESPONSES,
+    summary="Rerank (native; also TEI and Cohere-like bodies)",
+)
+async def rerank(
+    body: RerankBody, request: Request, service: ServiceDep
+) -> native.RerankResponse | list[tei.TeiRank]:
+    """Order `documents` by relevance to `query`; return the best `top_k`, best first.
+
+    A body with `texts` is read as TEI's and answered with TEI's bare list of every text.
+    """
+    service.check_model(body.model)
+    if isinstance(body, tei.TeiRerankRequest):
+        job = tei.to_job(body, service.settings)
+        (outcome,) = await answer(request, service, tei.NAME, [job], tei.FIELDS)
+        return tei.from_outcome(outcome, body, service.served_model(outcome))
+    job = native.to_job(body, service.settings)
+    (outcome,) = await answer(request, service, native.NAME, [job])
+    return native.from_outcome(outcome, body, service.served_model(outcome))
+
+
+@batch_router.post(
+    "/rerank/batch", response_model=native.BatchRerankResponse, responses=ERROR_RESPONSES
+)
+async def rerank_batch(
+    body: native.BatchRerankRequest, request: Request, service: ServiceDep
+) -> native.BatchRerankResponse:
+    """Rerank several queries' documents in one call; the answers come back in request order."""
+    service.check_model(body.model)
+    for item in body.requests:
+        service.check_model(item.model)
+    jobs = native.batch_to_jobs(body, service.settings)
+    outcomes = await answer(request, service, native.BATCH_NAME, jobs, native.BATCH_FIELDS)
+    models = [service.served_model(outcome) for outcome in outcomes]
+    return native.batch_from_outcomes(outcomes, body, models)
+
+
+async def _cohere(
+    body: cohere.CohereRerankRequest,
+    version: Literal["1", "2"],
+    request: Request,
+    service: ServiceDep,
+) -> cohere.CohereRerankResponse:
+    service.check_model(body.model)
+    job = cohere.to_job(body, service.settings)
+    (outcome,) = await answer(request, service, cohere.NAME, [job])
+    return cohere.from_outcome(outcome, body, service.served_model(outcome), version)
+
+
+@cohere_router.post(
+    "/v1/rerank", response_model=cohere.CohereRerankResponse, responses=ERROR_RESPONSES
+)
+async def rerank_v1(
+    body: cohere.CohereRerankRequest, request: Request, service: ServiceDep
+) -> cohere.CohereRerankResponse:
+    """Cohere v1 rerank (cohere `Client`, mem0, RAGFlow, Jina-style clients)."""
+    return await _cohere(body, "1", request, service)
+
+
+@cohere_router.post(
+    "/v2/rerank", response_model=cohere.CohereRerankResponse, responses=ERROR_RESPONSES
+)
+async def rerank_v2(
+    body: cohere.CohereRerankRequest, request: Request, service: ServiceDep
+) -> cohere.CohereRerankResponse:
+    """Cohere v2 rerank (cohere `ClientV2`, langchain-cohere, llama-index, Haystack)."""
+    return await _cohere(body, "2", request, service)
+
+
+ROUTERS = (native_router, batch_router, cohere_router)
