@@ -50,10 +50,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(kind: str, models: Path, extra_env: dict[str, str]) -> Iterator[tuple[str, int]]:
-    """Start a server in its own process; yields (url, pid) once /health answers."""
+def serve(
+    kind: str, models: Path, extra_env: dict[str, str], root: Path = ROOT
+) -> Iterator[tuple[str, int]]:
+    """Start a server in its own process (this project's code from `root`); yields (url, pid)
+    once /health answers."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", **extra_env}
+    env = {**os.environ, "PYTHONPATH": str(root), "TOKENIZERS_PARALLELISM": "false", **extra_env}
     if kind == "naive":
         env["RERANKER_BENCH_MODELS"] = str(models)
         cmd = [
@@ -90,7 +93,7 @@ def serve(kind: str, models: Path, extra_env: dict[str, str]) -> Iterator[tuple[
             "--port",
             str(port),
         ]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180

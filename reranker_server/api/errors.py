@@ -50,6 +50,7 @@ STATUS_BY_ERROR: dict[type[RerankerError], int] = {
     OverloadedError: 429,
     RequestCancelledError: 499,
     InferenceError: 500,
+    RerankerError: 500,  # anything else of ours, and unexpected exceptions
     RequestTimeoutError: 503,
     NotReadyError: 503,
     ModelLoadError: 503,
@@ -58,10 +59,7 @@ STATUS_BY_ERROR: dict[type[RerankerError], int] = {
 
 def status_of(exc: RerankerError) -> int:
     """The HTTP status of an error: its own class's entry, else the nearest base class's."""
-    for cls in type(exc).__mro__:
-        if cls in STATUS_BY_ERROR:
-            return STATUS_BY_ERROR[cls]
-    return 500
+    return next(STATUS_BY_ERROR[cls] for cls in type(exc).__mro__ if cls in STATUS_BY_ERROR)
 
 
 def error_response(exc: RerankerError) -> JSONResponse:
