@@ -12,6 +12,8 @@ import torch
 
 from reranker_server import devices
 from reranker_server.app import create_app
+from reranker_server.devices import GpuGate
+from reranker_server.engine.engine import Engine
 from reranker_server.engine.loader import load_engine
 from reranker_server.model_generator import TestModelPaths
 from reranker_server.runners.cross_encoder import CrossEncoderRunner
@@ -19,7 +21,7 @@ from reranker_server.settings import Settings
 from reranker_server.types import RerankJob
 
 from .conftest import running
-from .fakes import FakeAccelerator
+from .fakes import FakeAccelerator, FakeClock
 
 QUERY = "what is the capital of france"
 DOCS = [
@@ -89,24 +91,33 @@ def test_precision_defaults_to_fp16_only_on_cuda(tiny_models: TestModelPaths) ->
 
 
 @pytest.fixture
-def breaker_server(make_settings: Callable[..., Settings]) -> Iterator[tuple[str, FakeAccelerator]]:
-    fake = FakeAccelerator()
-    settings = make_settings(candidates=4, gpu_cooldown_s=0.5)
-    app = create_app(settings, engine_factory=lambda s: load_engine(s, detect=lambda *_: fake))
-    with running(app) as url:
-        yield url, fake
+def breaker_server(
+    make_settings: Callable[..., Settings],
+) -> Iterator[tuple[str, FakeAccelerator, FakeClock]]:
+    """A server on a fake GPU whose breaker reads a fake clock (a busy machine can't make the
+    cool-down run out early)."""
+    fake, clock = FakeAccelerator(), FakeClock()
+    settings = make_settings(candidates=4, gpu_cooldown_s=30)
+
+    def build(s: Settings) -> Engine:
+        engine = load_engine(s, detect=lambda *_: fake)
+        engine.gate = GpuGate(fake, s.min_free_vram_mb, s.gpu_cooldown_s, clock=clock)
+        return engine
+
+    with running(create_app(settings, engine_factory=build)) as url:
+        yield url, fake, clock
 
 
-def test_breaker_probes_then_resumes(breaker_server: tuple[str, FakeAccelerator]) -> None:
-    url, fake = breaker_server
+def test_breaker_probes_then_resumes(
+    breaker_server: tuple[str, FakeAccelerator, FakeClock],
+) -> None:
+    url, fake, clock = breaker_server
     body = {"query": QUERY, "documents": DOCS, "top_k": 3}
     fake.cuda_error = True
     assert httpx.post(f"{url}/rerank", json=body).json()["fallback"] == "cuda_error"
     assert httpx.post(f"{url}/rerank", json=body).json()["fallback"] == "cooldown"
     assert httpx.get(f"{url}/health").json()["gpu_state"] == "cooling_down"
-    import time
-
-    time.sleep(0.6)
+    clock.now += 31  # the cool-down is over
     assert httpx.get(f"{url}/health").json()["gpu_state"] == "probing"
     fake.forwards.clear()
     answer = httpx.post(f"{url}/rerank", json=body).json()
@@ -119,8 +130,10 @@ def test_breaker_probes_then_resumes(breaker_server: tuple[str, FakeAccelerator]
     assert 'reranker_gpu_fallbacks_total{reason="cuda_error"} 1.0' in scrape
 
 
-def test_oom_rungs_are_counted_in_metrics(breaker_server: tuple[str, FakeAccelerator]) -> None:
-    url, fake = breaker_server
+def test_oom_rungs_are_counted_in_metrics(
+    breaker_server: tuple[str, FakeAccelerator, FakeClock],
+) -> None:
+    url, fake, _ = breaker_server
     fake.oom_at_pairs = 3
     answer = httpx.post(f"{url}/rerank", json={"query": QUERY, "documents": DOCS, "top_k": 3})
     assert answer.json()["backend"] == "gpu"  # 4 pairs OOM, 2 + 2 fit
@@ -170,8 +183,6 @@ def test_memory_cap_leaves_room_for_a_neighbour(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_gpu_nan_scores_fall_back_instead_of_failing(tiny_models: TestModelPaths) -> None:
-    from reranker_server.devices import GpuGate
-    from reranker_server.engine.engine import Engine
 
     from .fakes import KeywordRunner
 

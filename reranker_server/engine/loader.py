@@ -53,39 +53,11 @@ def load_engine(
         stage2_cpu = RunnerCopies(
             [load_runner(kind, model, settings) for _ in range(settings.runs())]
         )
-    lanes = {"stage1": Lane.of("stage1", stage1)}
-    if stage2_gpu is not None:  # pairs of concurrent requests share GPU batches
-        lanes["stage2_gpu"] = Lane.of("stage2_gpu", stage2_gpu)
-    if stage2_cpu is not None:  # a request's candidates spread over the CPU runs
-        lanes["stage2_cpu"] = Lane(
-            "stage2_cpu",
-            stage2_cpu,
-            max_pairs=max(1, -(-settings.candidates // settings.runs())),
-            batch_tokens=settings.stage1_batch_tokens,
-        )
-    else:
+    if stage2_gpu is None and stage2_cpu is None:
         logger.info("no usable GPU and stage2_on_cpu is off: answers come from stage 1")
-
     cache = build_cache(settings)
-    namespaces: dict[str, str] = {}
-    if cache is not None:
-        namespaces["stage1"] = namespace(
-            "stage1",
-            identity(stage1),
-            stage1.device,
-            max_length=settings.max_length,
-            scoring="one-pair-per-call",  # batch-invariant: older batched scores never match
-        )
-        for role, runner in (("stage2_gpu", stage2_gpu), ("stage2_cpu", stage2_cpu)):
-            if runner is not None:
-                namespaces[role] = namespace(
-                    "stage2",
-                    identity(runner),
-                    runner.device,
-                    max_length=settings.max_length,
-                    precision=runner.precision,  # fp16 scores differ a bit
-                )
-
+    roles = {"stage1": stage1, "stage2_gpu": stage2_gpu, "stage2_cpu": stage2_cpu}
+    served = {role: runner for role, runner in roles.items() if runner is not None}
     engine = Engine(
         stage1,
         gate=gate,
@@ -93,7 +65,7 @@ def load_engine(
         stage2_cpu=stage2_cpu,
         candidates=settings.candidates,
         cache=cache,
-        cache_namespaces=namespaces,
+        cache_namespaces=cache_namespaces(served, settings) if cache is not None else None,
         windows=Windower(
             stage1,
             max_query_tokens=settings.max_query_tokens,
@@ -102,7 +74,7 @@ def load_engine(
         long_documents=default_policy(settings),
         scheduler=Scheduler(settings.runs(), name="cpu-run"),
         gpu_scheduler=Scheduler(1, name="gpu-run") if stage2_gpu is not None else None,
-        lanes=lanes,
+        lanes=lanes(served, settings),
     )
     if settings.warmup:
         warm_up(engine)
@@ -113,6 +85,39 @@ def load_engine(
         stage2_gpu.device if stage2_gpu else ("cpu" if stage2_cpu else "off"),
     )
     return engine
+
+
+def lanes(runners: dict[str, Runner], settings: Settings) -> dict[str, Lane]:
+    """Batch bounds per role: each runner's own, except stage 2 on the CPU, whose candidates
+    spread over the CPU runs (a request's stage 2 uses every core)."""
+    found = {role: Lane.of(role, runner) for role, runner in runners.items()}
+    if "stage2_cpu" in runners:
+        found["stage2_cpu"] = Lane(
+            "stage2_cpu",
+            runners["stage2_cpu"],
+            max_pairs=max(1, -(-settings.candidates // settings.runs())),
+            batch_tokens=settings.stage1_batch_tokens,
+        )
+    return found
+
+
+def cache_namespaces(runners: dict[str, Runner], settings: Settings) -> dict[str, str]:
+    """Score-cache namespace per role: the model's identity (files fingerprinted), device and
+    what changes its scores (length, precision, one pair per call for stage 1)."""
+    found = {}
+    for role, runner in runners.items():
+        if role == "stage1":  # batch-invariant: older batched scores never match
+            extra = {"scoring": "one-pair-per-call"}
+        else:  # fp16 scores differ a bit
+            extra = {"precision": runner.precision}
+        found[role] = namespace(
+            "stage1" if role == "stage1" else "stage2",
+            identity(runner),
+            runner.device,
+            max_length=settings.max_length,
+            **extra,
+        )
+    return found
 
 
 def identity(runner: Runner) -> str:
