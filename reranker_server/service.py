@@ -182,7 +182,21 @@ class RerankService:
 
     def served_model(self, outcome: RerankOutcome) -> str:
         """The model that produced the final order."""
-        return outcome.stages[-1].name if outcome.stages else self.engine.stage1.name
+        return outcome.stages[-1].name if outcome.stages else self.final_model()
+
+    def final_model(self) -> str:
+        """The model that orders answers when it can run: stage 2, else stage 1."""
+        status = self.engine.status()
+        return (status.stage2 or status.stage1).name
+
+    def final_precision(self) -> str:
+        status = self.engine.status()
+        return (status.stage2 or status.stage1).precision
+
+    def model_names(self) -> list[str]:
+        """Names requests may send as `model`: the models served, and the accepted aliases."""
+        names = self.engine.status().model_names() | self.settings.accepted_model_names()
+        return sorted(names)
 
     # --- reporting
 

@@ -92,7 +92,11 @@ def test_empty_batch(server: str) -> None:
     ("body", "field", "words"),
     [
         ({"requests": [{"query": "q", "documents": ["a"], "top_k": 1}] * 5}, "requests", "4"),
-        ({"requests": [{"query": "q", "documents": ["a"]}]}, "requests[0].top_k", "top_k"),
+        (
+            {"requests": [{"query": "q", "documents": ["a"], "top_k": 0}]},
+            "requests[0].top_k",
+            "top_k",
+        ),
         (
             {"requests": [{"query": "q", "documents": ["a"], "top_k": 1}, {"documents": ["a"]}]},
             "requests[1].query",

@@ -104,6 +104,7 @@ def usage(outcome: RerankOutcome, documents: int) -> Usage:
         documents=documents,
         search_units=search_units(documents),
         total_tokens=outcome.pair_tokens,
+        prompt_tokens=outcome.pair_tokens,
     )
 
 

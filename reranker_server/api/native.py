@@ -34,16 +34,8 @@ NAME = "native"
 def to_job(body: RerankRequest, settings: Settings) -> RerankJob:
     """The engine's work for a native request."""
     texts = document_texts(body.documents, body.rank_fields)
-    given = body.model_fields_set
-    if body.top_k is not None:
-        top_k = body.top_k
-    elif "top_k" not in given and "top_n" not in given:
-        raise InvalidRequestError(
-            "top_k is required (an integer >= 1; or send top_n, where null or 0 = all documents)",
-            field="top_k",
-        )
-    else:
-        top_k = result_count(body.top_n, len(texts))
+    # top_k wins; else top_n as clients mean it; neither (vLLM, Infinity, LiteLLM): all
+    top_k = body.top_k if body.top_k is not None else result_count(body.top_n, len(texts))
     policy = long_doc_policy(
         settings,
         mode=body.long_documents,

@@ -6,6 +6,9 @@ through the service (`answer.answer`) and shapes the outcome (`from_outcome`).
 | `POST /rerank`                 | native.py, or tei.py for a body with `texts` |
 | `POST /rerank/batch`           | native.py (batch)                   |
 | `POST /v1/rerank`, `/v2/rerank` | cohere.py                          |
+| `POST /score`, `/v1/score`      | vllm.py                             |
+| `GET /info`                     | tei.py                              |
+| `GET /v1/models`                | vllm.py                             |
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Request
 from pydantic import Discriminator, Tag
 
-from . import cohere, native, tei
+from .. import __version__
+from . import cohere, native, tei, vllm
 from .answer import answer
 from .auth import API_KEY_DOCUMENTED
 from .deps import ServiceDep
@@ -24,6 +28,8 @@ from .schemas import ERROR_RESPONSES, NATIVE_SHAPE, SPEC_EXAMPLE, TEI_SHAPE, Rer
 native_router = APIRouter(tags=["native"], dependencies=API_KEY_DOCUMENTED)
 batch_router = APIRouter(tags=["batch"], dependencies=API_KEY_DOCUMENTED)
 cohere_router = APIRouter(tags=["cohere"], dependencies=API_KEY_DOCUMENTED)
+vllm_router = APIRouter(tags=["vllm"], dependencies=API_KEY_DOCUMENTED)
+tei_router = APIRouter(tags=["tei"])
 
 
 def _body_shape(body: Any) -> str:
@@ -123,4 +129,30 @@ async def rerank_v2(
     return await _cohere(body, "2", request, service)
 
 
-ROUTERS = (native_router, batch_router, cohere_router)
+@vllm_router.post("/score", response_model=vllm.ScoreResponse, responses=ERROR_RESPONSES)
+@vllm_router.post("/v1/score", response_model=vllm.ScoreResponse, responses=ERROR_RESPONSES)
+async def score(
+    body: vllm.ScoreRequest, request: Request, service: ServiceDep
+) -> vllm.ScoreResponse:
+    """vLLM's score API: each `text_2` scored against `text_1`, in `text_2`'s order."""
+    service.check_model(body.model)
+    jobs = vllm.to_jobs(body)
+    outcomes = await answer(request, service, vllm.NAME, jobs, {"documents": "text_2"})
+    model = service.served_model(outcomes[0]) if outcomes else service.final_model()
+    return vllm.from_outcomes(outcomes, model)
+
+
+@vllm_router.get("/v1/models", response_model=vllm.ModelList)
+async def models(service: ServiceDep) -> vllm.ModelList:
+    """The model names this server answers to (OpenAI's list shape)."""
+    return vllm.model_list(service.model_names())
+
+
+@tei_router.get("/info", response_model=tei.TeiInfo)
+async def info(service: ServiceDep) -> tei.TeiInfo:
+    """TEI's model info: Dify's TEI provider reads `model_type` (a reranker) before it adds the
+    model."""
+    return tei.info(service.final_model(), service.final_precision(), service.settings, __version__)
+
+
+ROUTERS = (native_router, batch_router, cohere_router, vllm_router, tei_router)

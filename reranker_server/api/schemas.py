@@ -123,10 +123,7 @@ class RerankRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="ignore",
-        json_schema_extra={
-            "examples": [SPEC_EXAMPLE],
-            "anyOf": [{"required": ["top_k"]}, {"required": ["top_n"]}],
-        },
+        json_schema_extra={"examples": [SPEC_EXAMPLE]},
     )
 
     query: StrictStr = Field(..., min_length=1, description="The search query (not empty).")
@@ -138,8 +135,8 @@ class RerankRequest(BaseModel):
     top_k: StrictInt | None = Field(
         None,
         ge=1,
-        description="How many results to return (>= 1). Required unless `top_n` is given; "
-        "null = all.",
+        description="How many results to return (>= 1). Missing or null (and no `top_n`): all "
+        "documents, best first.",
     )
     top_n: TopN
     model: ModelName
@@ -203,6 +200,7 @@ class Usage(BaseModel):
         description="Tokens of the (query, document window) pairs stage 1 ranked, special "
         "tokens included, counted with the stage-1 model's tokenizer (cache hits included).",
     )
+    prompt_tokens: int = Field(0, description="The same count (vLLM's and infinity's name for it).")
 
 
 class ScoredWindow(BaseModel):

@@ -1,7 +1,8 @@
 """The TEI dialect (HF text-embeddings-inference): `POST /rerank {query, texts}` -> a bare list.
 
 Served by the `/rerank` route (api/routes.py reads a body with `texts` as this shape). TEI answers
-every text, best first; `raw_scores` gives the logit behind each score.
+every text, best first (or the best `top_n`, which LiteLLM sends); `raw_scores` gives the logit
+behind each score. `GET /info` describes the model in TEI's shape (Dify checks its `model_type`).
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from ..settings import Settings
 from ..types import LongDocMode, RerankJob, RerankOutcome
-from .answer import logit
+from .answer import logit, result_count
 from .long_documents import TruncationDirection, long_doc_policy
-from .schemas import ModelName, Texts
+from .schemas import ModelName, Texts, TopN
 
 NAME = "tei"
 
@@ -46,6 +47,7 @@ class TeiRerankRequest(BaseModel):
     )
     truncation_direction: TruncationDirection
     model: ModelName
+    top_n: TopN  # not TEI's own, but LiteLLM's huggingface provider sends it
 
 
 class TeiRank(BaseModel):
@@ -59,7 +61,9 @@ def to_job(body: TeiRerankRequest, settings: Settings) -> RerankJob:
         None if body.truncate is None else ("truncate" if body.truncate else "chunk")
     )
     policy = long_doc_policy(settings, mode=mode, direction=body.truncation_direction)
-    return RerankJob(body.query, body.texts, len(body.texts), policy=policy)
+    return RerankJob(
+        body.query, body.texts, result_count(body.top_n, len(body.texts)), policy=policy
+    )
 
 
 def from_outcome(outcome: RerankOutcome, body: TeiRerankRequest, model: str) -> list[TeiRank]:
@@ -71,3 +75,39 @@ def from_outcome(outcome: RerankOutcome, body: TeiRerankRequest, model: str) -> 
         )
         for r in outcome.results
     ]
+
+
+class TeiModelType(BaseModel):
+    reranker: dict[str, Any] = Field(default_factory=dict)
+
+
+class TeiInfo(BaseModel):
+    """TEI's `GET /info` (the fields clients read)."""
+
+    model_id: str
+    model_sha: str | None = None
+    model_dtype: str
+    model_type: TeiModelType = Field(
+        default_factory=TeiModelType, description="Always a reranker here."
+    )
+    max_concurrent_requests: int
+    max_input_length: int
+    max_batch_tokens: int
+    max_batch_requests: int | None = None
+    max_client_batch_size: int
+    auto_truncate: bool = True
+    tokenization_workers: int
+    version: str
+
+
+def info(model: str, precision: str, settings: Settings, version: str) -> TeiInfo:
+    return TeiInfo(
+        model_id=model,
+        model_dtype=precision,
+        max_concurrent_requests=settings.runs() + settings.max_queue,
+        max_input_length=settings.max_length,
+        max_batch_tokens=settings.stage1_batch_tokens,
+        max_client_batch_size=settings.max_documents,
+        tokenization_workers=settings.runs(),
+        version=version,
+    )
