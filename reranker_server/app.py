@@ -15,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 from . import __version__
 from .api import batch, cohere, health, native
 from .api import metrics as metrics_route
+from .api.docs_pages import install_docs
 from .api.errors import install_error_handlers
 from .api.guard import RequestGuard
 from .api.telemetry import RequestTelemetry
@@ -42,6 +43,8 @@ class RerankerApp(FastAPI):
             title="reranker-server",
             version=__version__,
             description="Two-stage reranking: FlashRank on the CPU, then a cross-encoder on GPU.",
+            docs_url=None,  # api/docs_pages.py serves /docs and /redoc with bundled assets
+            redoc_url=None,
         )
         self.settings = settings
         self._engine_factory = engine_factory
@@ -110,6 +113,7 @@ def create_app(
     app.include_router(cohere.router)
     app.include_router(health.router)
     app.include_router(metrics_route.router)
+    install_docs(app)
     app.add_middleware(
         RequestGuard,
         max_body_bytes=settings.max_body_bytes,
