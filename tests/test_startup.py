@@ -184,20 +184,24 @@ def test_a_flag_error_names_the_flag() -> None:
     )
 
 
-def test_make_test_models_prints_the_settings(tmp_path: Path) -> None:
+def test_make_test_models_prints_the_readme_serve_command(tmp_path: Path) -> None:
+    """The README demo's second command, run as written; it prints the demo's third one."""
+    from .test_readme_quickstart import indented_blocks
+
+    (demo,) = indented_blocks("## Demo without downloads")
+    _, make, serve = demo.splitlines()
     out = subprocess.run(
-        [str(BIN / "reranker-server"), "make-test-models", str(tmp_path / "m")],
+        [str(BIN / word) if i == 0 else word for i, word in enumerate(make.split())],
         capture_output=True,
         text=True,
         timeout=300,
         check=True,
+        cwd=tmp_path,
     )
-    assert (
-        f"RERANKER_STAGE1_MODEL={tmp_path / 'm' / 'flashrank' / 'ms-marco-MiniLM-L-12-v2'}"
-        in out.stdout
-    )
-    assert f"RERANKER_STAGE2_MODEL={tmp_path / 'm' / 'cross-encoder'}" in out.stdout
-    assert (tmp_path / "m" / "cross-encoder" / "model.safetensors").is_file()
+    assert f"  {serve}\n" in out.stdout
+    assert "random-weight" in out.stdout and "not for ranking" in out.stdout
+    assert (tmp_path / "demo-models" / "cross-encoder" / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-models"]
 
 
 def test_sigterm_finishes_the_request_in_flight_then_exits_0(
