@@ -46,13 +46,17 @@ DEMO_DIR = Path("demo-models")
 
 
 def _default_text(name: str) -> str:
+    named = {
+        "flashrank_base_url": "FlashRank's Hugging Face bucket",
+        "hub_endpoint": "huggingface.co",
+    }
     default = Settings.model_fields[name].default
+    if name in named:
+        return named[name]
     if default is None:
         return "unset"
     if isinstance(default, bool):
         return "on" if default else "off"
-    if name == "flashrank_base_url":
-        return "FlashRank's Hugging Face bucket"
     return str(default)
 
 

@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     )
     hub_endpoint: str | None = Field(
         None,
-        description="Hugging Face hub endpoint for stage-2 downloads (a mirror); None: default.",
+        description="Hugging Face hub endpoint for stage-2 downloads (a mirror).",
     )
     download_timeout_s: float = Field(60.0, gt=0, description="Per-request download timeout.")
 
