@@ -31,7 +31,7 @@ REWRITES = {
     ]
 }
 # validatorUrl None: Swagger UI would otherwise ask an online validator about the schema.
-SWAGGER_PARAMETERS = {"validatorUrl": None, "tryItOutEnabled": True}
+SWAGGER_PARAMETERS = {"validatorUrl": None}
 
 
 @cache
