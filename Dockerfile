@@ -1,4 +1,5 @@
-# reranker-server: one Dockerfile, two images (needs BuildKit, the default since Docker 23).
+# reranker-server: one Dockerfile, two images. Needs BuildKit (the default since Docker 23; on older
+# Docker: DOCKER_BUILDKIT=1 docker build ...). docs/deployment.md explains the options.
 #
 #   CPU image (default):  docker build -t reranker-server .
 #   CUDA image:           docker build --build-arg VARIANT=cuda -t reranker-server:cuda .

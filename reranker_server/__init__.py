@@ -12,16 +12,47 @@ from typing import Any
 __version__ = "0.1.0"
 __all__ = ["__version__", "app"]
 
+# Under an ASGI server (uvicorn ...) the server's own options decide where it listens.
+SERVER_OWNED_SETTINGS = ("host", "port")
+
 
 def __getattr__(name: str) -> Any:
     if name == "app":
-        from .app import create_app
-        from .logs import configure_logging
-        from .settings import Settings
-
-        settings = Settings()
-        configure_logging(settings.log_level, settings.log_format)
-        application = create_app(settings)
+        application = _app_from_environment()
         globals()["app"] = application
         return application
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _app_from_environment() -> Any:
+    """The app for `uvicorn reranker_server:app`: an invalid setting is one line on stderr and
+    exit status 2 (not a pydantic traceback); RERANKER_HOST / RERANKER_PORT are not used."""
+    import logging
+    import sys
+
+    from .app import create_app
+    from .logs import configure_logging
+    from .settings import SettingsError, load_settings, setting_source
+
+    try:
+        settings, _ = load_settings(unused=SERVER_OWNED_SETTINGS)
+    except SettingsError as exc:
+        for line in exc.lines:
+            print(f"reranker-server: invalid setting {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(settings.log_level, settings.log_format)
+    for setting in SERVER_OWNED_SETTINGS:
+        variable, value = setting_source(setting)
+        if value is not None:
+            logging.getLogger(__name__).warning(
+                "%s=%r is not used: the ASGI server's own options (uvicorn --%s) decide",
+                variable,
+                value,
+                setting,
+            )
+    # One access line per request: the app logs each request itself (api/telemetry.py), so
+    # uvicorn's own access log is turned off, as `uvicorn --no-access-log` does.
+    uvicorn_access = logging.getLogger("uvicorn.access")
+    uvicorn_access.handlers = []
+    uvicorn_access.propagate = False
+    return create_app(settings)

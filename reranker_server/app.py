@@ -13,6 +13,7 @@ from starlette.types import Receive, Scope, Send
 from . import __version__
 from .api import health, routes
 from .api import metrics as metrics_route
+from .api.docs_pages import install_docs
 from .api.errors import install_error_handlers
 from .api.guard import RequestGuard
 from .api.telemetry import RequestTelemetry
@@ -36,6 +37,8 @@ class RerankerApp(FastAPI):
             title="reranker-server",
             version=__version__,
             description="Two-stage reranking: FlashRank on the CPU, then a cross-encoder on GPU.",
+            docs_url=None,  # api/docs_pages.py serves /docs and /redoc with bundled assets
+            redoc_url=None,
         )
         self.settings = settings
         self.service = RerankService(settings, engine_factory)
@@ -87,6 +90,7 @@ def create_app(
         app.include_router(router)
     app.include_router(health.router)
     app.include_router(metrics_route.router)
+    install_docs(app)
     app.add_middleware(
         RequestGuard,
         max_body_bytes=settings.max_body_bytes,

@@ -1,7 +1,7 @@
-"""Command line: `reranker-server serve | download | make-test-models`.
+"""reranker-server: self-hosted reranking (FlashRank on the CPU, a cross-encoder on the GPU).
 
-Every setting is also a flag of the same name (`RERANKER_STAGE1_MODEL` = `--stage1-model`); flags
-win over the environment. Logging is set up at the entry point (logs.configure_logging).
+Every setting is an environment variable RERANKER_<NAME> and a flag of the same name
+(RERANKER_STAGE1_MODEL = --stage1-model); flags win over the environment.
 """
 
 from __future__ import annotations
@@ -10,26 +10,64 @@ import argparse
 import logging
 import signal
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from .errors import ModelLoadError
 from .logs import configure_logging
-from .settings import Settings
+from .settings import Settings, SettingsError, load_settings
 
 logger = logging.getLogger(__name__)
 
-SECRET_SETTINGS = frozenset({"api_key"})
+SECRET_SETTINGS = frozenset({"api_key"})  # no flag: it would show in `ps`
+# What `download` reads; its help lists only these, and other settings never stop it.
+DOWNLOAD_SETTINGS = (
+    "stage1_model",
+    "stage2_model",
+    "model_cache_dir",
+    "offline",
+    "trust_remote_code",
+    "flashrank_base_url",
+    "hub_endpoint",
+    "download_timeout_s",
+    "log_level",
+    "log_format",
+)
+# What `make-test-models` imports (all in the base install), and the pip name of each.
+GENERATOR_MODULES = {
+    "torch": "torch==2.13.0",
+    "transformers": "transformers",
+    "sentence_transformers": "sentence-transformers",
+    "onnx": "onnx",
+    "onnxruntime": "onnxruntime",
+}
+DEMO_DIR = Path("demo-models")
 
 
-def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    for name, field in Settings.model_fields.items():
-        if name in SECRET_SETTINGS:
-            continue  # visible in `ps`: use the environment or --api-key-file
+def _default_text(name: str) -> str:
+    named = {
+        "flashrank_base_url": "FlashRank's Hugging Face bucket",
+        "hub_endpoint": "huggingface.co",
+    }
+    default = Settings.model_fields[name].default
+    if name in named:
+        return named[name]
+    if default is None:
+        return "unset"
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return str(default)
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    for name in names:
+        field = Settings.model_fields[name]
         flag = "--" + name.replace("_", "-")
-        help_text = f"{field.description or ''} [env RERANKER_{name.upper()}]"
+        help_text = (
+            f"{field.description or ''} Default: {_default_text(name)}. "
+            f"[env RERANKER_{name.upper()}]"
+        ).replace("%", "%%")
         if field.annotation is bool:
             parser.add_argument(
                 flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
@@ -38,62 +76,91 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Settings from the environment, overridden by the flags that were given."""
-    overrides: dict[str, Any] = {
+def flags_given(args: argparse.Namespace) -> dict[str, Any]:
+    """The setting flags that were given on the command line."""
+    return {
         name: getattr(args, name)
         for name in Settings.model_fields
         if getattr(args, name, None) is not None
     }
-    return Settings(**overrides)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, overridden by the flags that were given."""
+    return Settings(**flags_given(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="reranker-server", description=__doc__, allow_abbrev=False
+        prog="reranker-server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="start the HTTP server", allow_abbrev=False)
-    _add_setting_flags(serve)
+    serve = commands.add_parser(
+        "serve",
+        help="start the HTTP server (port 5200)",
+        description="Load both models, then serve POST /rerank and the other routes.",
+        allow_abbrev=False,
+    )
+    _add_setting_flags(serve, tuple(n for n in Settings.model_fields if n not in SECRET_SETTINGS))
 
     download = commands.add_parser(
-        "download", help="fetch both models into the cache", allow_abbrev=False
+        "download",
+        help="fetch both models into the model cache, then exit",
+        description="Fetch both models into the model cache (for a later offline start) and "
+        "print where they went.",
+        allow_abbrev=False,
     )
-    _add_setting_flags(download)
+    _add_setting_flags(download, DOWNLOAD_SETTINGS)
 
     make = commands.add_parser(
-        "make-test-models", help="write tiny random models for offline tests", allow_abbrev=False
+        "make-test-models",
+        help="write small random-weight models for trying the API offline",
+        description="Write a FlashRank model and a cross-encoder with random weights (no "
+        "download): they answer like the real ones but rank at random. For trying the API "
+        "and for tests, not for ranking.",
+        allow_abbrev=False,
     )
-    make.add_argument("directory", type=Path)
+    make.add_argument(
+        "directory",
+        type=Path,
+        nargs="?",
+        default=DEMO_DIR,
+        help=f"where to write them (a new or empty directory). Default: {DEMO_DIR}",
+    )
     make.add_argument(
         "--full-size",
         action="store_true",
-        help="real layer counts and widths (for benchmarks), random weights",
+        help="the real models' layer counts and widths (for benchmarks), random weights",
     )
     make.add_argument(
         "--tokenizer",
         type=Path,
         default=None,
-        help="directory with a BERT tokenizer.json/vocab.txt to use instead of the "
-        "generated small vocabulary",
+        help="directory with a BERT tokenizer.json and vocab.txt to use instead of the small "
+        "generated vocabulary",
     )
-    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--seed", type=int, default=0, help="random seed. Default: 0")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "make-test-models":
-        configure_logging("info")
+        configure_logging("info", "text")
         return _make_test_models(args)
+    unused = () if args.command == "serve" else set(Settings.model_fields) - set(DOWNLOAD_SETTINGS)
     try:
-        settings = settings_from_args(args)
-    except ValidationError as exc:
-        for error in exc.errors():
-            where = ".".join(str(p) for p in error["loc"])
-            print(f"reranker-server: invalid setting {where}: {error['msg']}", file=sys.stderr)
+        settings, notes = load_settings(flags_given(args), unused=unused)
+    except SettingsError as exc:
+        for line in exc.lines:
+            print(f"reranker-server: invalid setting {line}", file=sys.stderr)
         return 2
+    for note in notes:
+        print(f"reranker-server: {note}", file=sys.stderr)
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "download":
         return _download(settings)
@@ -137,12 +204,33 @@ def _download(settings: Settings) -> int:
 
 
 def _make_test_models(args: argparse.Namespace) -> int:
-    from .model_generator import write_test_models
+    missing = [GENERATOR_MODULES[name] for name in GENERATOR_MODULES if find_spec(name) is None]
+    if missing:
+        # torch on its own first: sentence-transformers would otherwise pull a CUDA build
+        fixes = [f"pip install {name}" for name in missing if name.startswith("torch")]
+        others = [name for name in missing if not name.startswith("torch")]
+        fixes += [f"pip install {' '.join(others)}"] if others else []
+        print(
+            f"reranker-server: make-test-models needs {', '.join(missing)} (not installed); "
+            f"fix: {' && '.join(fixes)}",
+            file=sys.stderr,
+        )
+        return 1
+    from .model_generator import GeneratorError, write_test_models
 
-    paths = write_test_models(
-        args.directory, full_size=args.full_size, tokenizer_dir=args.tokenizer, seed=args.seed
+    try:
+        paths = write_test_models(
+            args.directory, full_size=args.full_size, tokenizer_dir=args.tokenizer, seed=args.seed
+        )
+    except GeneratorError as exc:
+        print(f"reranker-server: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote random-weight models (for trying the API, not for ranking) under {args.directory}"
     )
-    print(f"wrote test models under {args.directory}; point the server at them with:")
-    print(f"  export RERANKER_STAGE1_MODEL={paths.stage1}")
-    print(f"  export RERANKER_STAGE2_MODEL={paths.stage2}")
+    print("start the server on them with:")
+    print(
+        f"  RERANKER_STAGE1_MODEL={paths.stage1} RERANKER_STAGE2_MODEL={paths.stage2} "
+        "reranker-server serve"
+    )
     return 0

@@ -7,13 +7,18 @@
 
 Tiny by default (2 layers, width 32: seconds to build). `full_size=True` uses the real shapes
 (MiniLM-L12-H384 for stage 1, MiniLM-L6-H384 for stage 2) for benchmarks. Nothing is downloaded.
-Needs torch, transformers, onnx and onnxruntime (the `dev` extra has onnx).
+Needs torch, transformers, onnx and onnxruntime (all in the base install).
+
+The models are written into a temporary directory beside `<dir>` and renamed into place, so an
+interrupted run never leaves a half-written folder; every file is readable by any user (0644), so
+a container running as another uid can read them from a mounted volume.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import warnings
@@ -37,6 +42,10 @@ good great small large long short high low time year day week month music art bo
 sport football team player company market price money bank business job work school student
 university teacher animal dog cat bird fish tree plant flower sun moon star earth space planet
 """.split()
+
+
+class GeneratorError(Exception):
+    """The models can't be written where asked; the message is one line naming the fix."""
 
 
 @dataclass(frozen=True)
@@ -159,16 +168,98 @@ def _export_int8(model, path: Path) -> None:  # type: ignore[no-untyped-def]
             opset_version=14,
             dynamo=False,
         )
-        quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8)
+        root = logging.getLogger()
+        root.addFilter(_no_preprocessing_advice)
+        try:
+            quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8)
+        finally:
+            root.removeFilter(_no_preprocessing_advice)
+
+
+def _no_preprocessing_advice(record: logging.LogRecord) -> bool:
+    """Drop onnxruntime's advice to pre-process before quantizing (moot for these models)."""
+    return not record.getMessage().startswith("Please consider")
 
 
 def write_test_models(
     directory: Path, *, full_size: bool = False, tokenizer_dir: Path | None = None, seed: int = 0
 ) -> TestModelPaths:
-    """Write both models under `directory` and return their paths."""
+    """Write both models under `directory` (new, empty, or an earlier output) and return their
+    paths."""
+    directory = Path(directory)
+    _check_target(directory)
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
+    except OSError as exc:
+        raise GeneratorError(
+            f"can't write under {directory.parent} ({exc.strerror}); fix: name a directory "
+            "you can write to"
+        ) from None
+    try:
+        _write_models(work, full_size=full_size, tokenizer_dir=tokenizer_dir, seed=seed)
+        _make_readable(work)
+        _move_into_place(work, directory)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    logger.info("test models written to %s", directory)
+    return TestModelPaths(
+        stage1=directory / "flashrank" / STAGE1_NAME, stage2=directory / "cross-encoder"
+    )
+
+
+OUTPUT_NAMES = {"flashrank", "cross-encoder"}
+
+
+def _check_target(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise GeneratorError(f"{directory} is a file; fix: name a new directory")
+    if directory.is_dir():
+        others = sorted(p.name for p in directory.iterdir() if p.name not in OUTPUT_NAMES)
+        if others:
+            raise GeneratorError(
+                f"{directory} already holds other files ({', '.join(others[:3])}); fix: name a "
+                "new or empty directory"
+            )
+
+
+def _move_into_place(work: Path, directory: Path) -> None:
+    """Rename `work` to `directory`; an earlier output there is replaced."""
+    old = None
+    if directory.is_dir() and any(directory.iterdir()):
+        old = directory.with_name(f".{directory.name}-old-{os.getpid()}")
+        directory.rename(old)
+    elif directory.is_dir():
+        directory.rmdir()
+    work.rename(directory)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _make_readable(root: Path) -> None:
+    """Directories 0755 and files 0644 (some writers, safetensors among them, create 0600)."""
+    root.chmod(0o755)
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def _write_models(
+    directory: Path, *, full_size: bool, tokenizer_dir: Path | None, seed: int
+) -> None:
+    from transformers.utils import logging as transformers_logging
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # "Writing model shards" for a 100 kB file
+    try:
+        _write_both(directory, full_size=full_size, tokenizer_dir=tokenizer_dir, seed=seed)
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
+def _write_both(directory: Path, *, full_size: bool, tokenizer_dir: Path | None, seed: int) -> None:
     from sentence_transformers import CrossEncoder
 
-    directory = Path(directory)
     stage1 = directory / "flashrank" / STAGE1_NAME
     stage2 = directory / "cross-encoder"
     vocab_size = _write_tokenizer(stage1, tokenizer_dir)
@@ -188,5 +279,3 @@ def write_test_models(
         ):
             shutil.copy(stage1 / name, raw / name)
         CrossEncoder(str(raw), device="cpu", local_files_only=True).save(str(stage2))
-    logger.info("test models written to %s", directory)
-    return TestModelPaths(stage1=stage1, stage2=stage2)

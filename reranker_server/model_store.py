@@ -12,11 +12,13 @@ file says "complete": a half-finished download is never mistaken for a model.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .errors import ModelLoadError
 from .settings import Settings
@@ -33,6 +35,65 @@ FLASHRANK_REQUIRED = (
 HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.model"]
 MAX_UNPACKED_BYTES = 4 * 2**30  # FlashRank's largest pairwise archive unpacks to well under 1 GB
 HUB_IGNORE = ["onnx/*", "openvino/*", "*/onnx/*", "*/openvino/*"]
+DEFAULT_HUB = "https://huggingface.co"
+
+
+def download_fixes(stage: int, *, offline: bool = False) -> str:
+    """What to do when a model is not there and can't be downloaded, on one line."""
+    mirror = "RERANKER_FLASHRANK_BASE_URL" if stage == 1 else "RERANKER_HUB_ENDPOINT"
+    return (
+        ("fix: " if offline else f"fix: a mirror ({mirror}), ")
+        + "`reranker-server download` where there is internet (then copy the cache), a local "
+        f"directory (RERANKER_STAGE{stage}_MODEL), or demo models (`reranker-server "
+        "make-test-models`)"
+    )
+
+
+def unwritable_cache(directory: Path) -> ModelLoadError:
+    """The cache directory can't be written by this process: name the uid and the fix."""
+    uid = os.getuid()
+    return ModelLoadError(
+        f"model cache {directory} is not writable by uid {uid}; fix: give uid {uid} write access "
+        f'(e.g. `chown -R {uid} <the cache>`; Docker: `docker run --user "$(id -u):$(id -g)"`),'
+        " or set RERANKER_MODEL_CACHE_DIR to a writable directory"
+    )
+
+
+def _blocking_directory(path: Path) -> Path:
+    """The nearest existing directory at or above `path` (the one that refused a write)."""
+    for candidate in (path, *path.parents):
+        if candidate.is_dir():
+            return candidate
+    return path
+
+
+def _permission_error(exc: BaseException) -> PermissionError | None:
+    """A PermissionError behind `exc` (itself, or in its cause/context chain), if any."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return None
+        if isinstance(seen, PermissionError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _reason(exc: BaseException, url: str) -> str:
+    """A few words for why a download failed (never the nested urllib3 text)."""
+    import requests
+
+    host = urlsplit(url).hostname or url
+    if isinstance(exc, requests.Timeout):
+        return f"{host} timed out"
+    if isinstance(exc, requests.ConnectionError):
+        return f"can't reach {host}"
+    if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        return f"HTTP {exc.response.status_code} from {host}"
+    if isinstance(exc, zipfile.BadZipFile):
+        return "not a zip archive"
+    text = str(exc)
+    return text if text and len(text) <= 80 and "\n" not in text else type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -88,9 +149,8 @@ def resolve_stage1(
         return _flashrank_files(target)
     if offline:
         raise ModelLoadError(
-            f"stage-1 model '{name}' is not in the cache ({target}) and offline mode is on; fix: "
-            "run `reranker-server download` once with internet, or set RERANKER_STAGE1_MODEL to a "
-            "local directory"
+            f"stage-1 model '{name}' is not in the cache ({target}) and offline mode is on; "
+            + download_fixes(1, offline=True)
         )
     _download_flashrank(f"{base_url.rstrip('/')}/{name}.zip", name, target, timeout_s)
     return _flashrank_files(target)
@@ -100,9 +160,13 @@ def _download_flashrank(url: str, name: str, target: Path, timeout_s: float) -> 
     import requests
     from tqdm import tqdm
 
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        work = tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-")
+    except PermissionError:
+        raise unwritable_cache(_blocking_directory(target.parent)) from None
     logger.info("downloading stage-1 model %s into %s", name, target)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp:
+    with work as tmp:
         archive = Path(tmp) / f"{name}.zip"
         try:
             with requests.get(url, stream=True, timeout=timeout_s) as response:
@@ -126,10 +190,12 @@ def _download_flashrank(url: str, name: str, target: Path, timeout_s: float) -> 
                     raise OSError(f"archive unpacks to {unpacked_size} bytes (a zip bomb?)")
                 zipped.extractall(tmp)
         except (OSError, requests.RequestException, zipfile.BadZipFile) as exc:
+            if isinstance(exc, PermissionError):
+                raise unwritable_cache(_blocking_directory(Path(tmp))) from None
             raise ModelLoadError(
-                f"stage-1 model '{name}' could not be downloaded from {url} ({exc}); fix: check "
-                "the network, or set RERANKER_STAGE1_MODEL to a local directory"
-            ) from exc
+                f"stage-1 model '{name}' could not be downloaded ({_reason(exc, url)}); "
+                + download_fixes(1)
+            ) from None
         unpacked = Path(tmp) / name
         _flashrank_files(unpacked)  # verify before it becomes visible
         (unpacked / COMPLETE_MARKER).write_text("ok\n", encoding="utf-8")
@@ -175,13 +241,37 @@ def resolve_stage2(
             endpoint=endpoint,
         )
     except Exception as exc:  # the hub client raises many types; all mean "not available"
-        how = "offline mode is on" if offline else f"download failed: {type(exc).__name__}"
+        denied = _permission_error(exc)
+        if denied is not None:
+            where = Path(denied.filename) if denied.filename else hub_cache
+            raise unwritable_cache(_blocking_directory(where)) from None
+        if offline:
+            raise ModelLoadError(
+                f"stage-2 model '{name}' is not in the cache ({hub_cache}) and offline mode is "
+                "on; " + download_fixes(2, offline=True)
+            ) from None
         raise ModelLoadError(
-            f"stage-2 model '{name}' is not in the cache ({hub_cache}) and {how}; fix: check the "
-            "name, run `reranker-server download` once with internet, or set "
-            "RERANKER_STAGE2_MODEL to a local directory"
-        ) from exc
+            f"stage-2 model '{name}' could not be downloaded ({_hub_reason(exc, endpoint)}); "
+            + download_fixes(2)
+        ) from None
     return str(path)
+
+
+def _hub_reason(exc: Exception, endpoint: str | None) -> str:
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    host = urlsplit(endpoint or DEFAULT_HUB).hostname
+    if isinstance(exc, GatedRepoError):
+        return f"gated on {host}: it needs a token"
+    if isinstance(exc, RepositoryNotFoundError):
+        return f"no such model on {host}; check the name"
+    if isinstance(exc, LocalEntryNotFoundError):  # the hub could not be reached
+        return f"can't reach {host}"
+    return f"{type(exc).__name__} from {host}"
 
 
 def stage1_files(settings: Settings, model: str | None = None) -> FlashRankFiles:

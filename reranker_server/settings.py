@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_STAGE1_MODEL = "ms-marco-MiniLM-L-12-v2"
@@ -54,7 +55,7 @@ class Settings(BaseSettings):
     )
     hub_endpoint: str | None = Field(
         None,
-        description="Hugging Face hub endpoint for stage-2 downloads (a mirror); None: default.",
+        description="Hugging Face hub endpoint for stage-2 downloads (a mirror).",
     )
     download_timeout_s: float = Field(60.0, gt=0, description="Per-request download timeout.")
 
@@ -73,7 +74,7 @@ class Settings(BaseSettings):
     stage2_on_cpu: bool = Field(
         False,
         description="Run the cross-encoder on the CPU when no GPU is usable (off: answer from "
-        "stage 1, as the spec says).",
+        "stage 1).",
     )
     min_free_vram_mb: int = Field(
         512, ge=0, description="Free VRAM needed at request time to use the GPU."
@@ -216,7 +217,7 @@ class Settings(BaseSettings):
             return value
         if value.startswith("cuda:") and value[5:].isdigit():
             return value
-        raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
 
     @field_validator("cache_url")
     @classmethod
@@ -224,7 +225,7 @@ class Settings(BaseSettings):
         if value is None or not value.strip():
             return None
         if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("cache_url must start with redis://, rediss:// or unix://")
+            raise ValueError("must start with redis://, rediss:// or unix://")
         return value.strip()
 
     @field_validator("log_level", "log_format", mode="before")
@@ -239,15 +240,15 @@ class Settings(BaseSettings):
         if self.api_key_file is None:
             return self
         if self.api_key is not None:
-            raise ValueError("set api_key or api_key_file, not both")
+            raise ValueError("set RERANKER_API_KEY or RERANKER_API_KEY_FILE, not both")
         try:
             key = self.api_key_file.read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise ValueError(
-                f"api_key_file {self.api_key_file} can't be read ({type(exc).__name__})"
+                f"RERANKER_API_KEY_FILE {self.api_key_file} can't be read ({type(exc).__name__})"
             ) from exc
         if not key:
-            raise ValueError(f"api_key_file {self.api_key_file} is empty")
+            raise ValueError(f"RERANKER_API_KEY_FILE {self.api_key_file} is empty")
         self.api_key = SecretStr(key)
         return self
 
@@ -274,3 +275,60 @@ class Settings(BaseSettings):
     def threads_per_worker(self) -> int:
         """Threads one inference run may use, so that runs x threads <= total."""
         return max(1, self.total_threads() // self.runs())
+
+
+# Never echoed in an error: they may carry a password or a key.
+SECRET_SETTINGS = frozenset({"api_key", "cache_url"})
+
+
+class SettingsError(ValueError):
+    """Invalid settings; `lines` has one line per problem, each naming the variable and value."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None, *, unused: Collection[str] = ()
+) -> tuple[Settings, list[str]]:
+    """Settings from the environment and `flags` (which win), plus notes on ignored values.
+
+    An invalid value raises SettingsError, one line per setting: `RERANKER_PORT='abc': Input
+    should be a valid integer` (`--port` when it came from a flag). A setting named in `unused`
+    (the caller does not use it) never stops anything: an invalid value there falls back to the
+    default, and a note says so.
+    """
+    flags = dict(flags or {})
+    try:
+        return Settings(**flags), []
+    except ValidationError as exc:
+        errors = exc.errors()
+    ignorable = {str(e["loc"][0]) for e in errors if e["loc"] and e["loc"][0] in unused}
+    fatal = [e for e in errors if not (e["loc"] and e["loc"][0] in ignorable)]
+    if fatal:
+        raise SettingsError([_describe(e, flags) for e in fatal]) from None
+    notes = [f"{_describe(e, flags)}; ignored (not used here)" for e in errors]
+    defaults = {name: Settings.model_fields[name].default for name in ignorable}
+    return Settings(**{**flags, **defaults}), notes
+
+
+def _describe(error: Any, flags: Mapping[str, Any]) -> str:
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not error["loc"]:
+        return message  # a rule between settings; its message names them
+    name = str(error["loc"][0])
+    where, value = setting_source(name, flags)
+    shown = "<hidden>" if name in SECRET_SETTINGS else repr(value)
+    return f"{where}={shown}: {message}"
+
+
+def setting_source(name: str, flags: Mapping[str, Any] | None = None) -> tuple[str, object]:
+    """Where a setting's value comes from: (`--flag` or `RERANKER_NAME`, the raw value)."""
+    if flags and name in flags:
+        return "--" + name.replace("_", "-"), flags[name]
+    variable = f"RERANKER_{name.upper()}"
+    for key, value in os.environ.items():  # pydantic-settings matches names case-insensitively
+        if key.upper() == variable:
+            return variable, value
+    return variable, None

@@ -1,6 +1,6 @@
 """Read the files that ship the server: the Dockerfile, docker-compose.yml, deploy/kubernetes/ and
-the README's Docker commands. No Docker engine is needed: tests check what they say, and run the
-commands in them that can run here."""
+the Docker commands of docs/deployment.md. No Docker engine is needed: tests check what they say,
+and run the commands in them that can run here."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 KUBERNETES_DIR = ROOT / "deploy" / "kubernetes"
 COMPOSE_SCHEMA = Path(__file__).resolve().parent / "data" / "compose-spec.json"
+DEPLOYMENT_DOC = ROOT / "docs" / "deployment.md"  # the README links to it
 
 
 @dataclass(frozen=True)
@@ -135,15 +136,16 @@ def kubernetes_manifests() -> list[Path]:
 
 
 def readme_section(heading: str) -> str:
-    """The README text from `heading` (a `## ` line) to the next `## ` heading."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    """The docs/deployment.md text from `heading` (a `## ` line) to the next `## ` heading."""
+    text = DEPLOYMENT_DOC.read_text(encoding="utf-8")
     start = text.index(f"\n{heading}\n")
     end = text.find("\n## ", start + len(heading) + 2)
     return text[start : end if end != -1 else len(text)]
 
 
 def readme_commands(heading: str = "## Docker") -> list[list[str]]:
-    """Indented command lines of a README section, split like a shell would (comments dropped)."""
+    """Indented command lines of a docs/deployment.md section, split like a shell would (comments
+    dropped)."""
     commands = []
     for line in readme_section(heading).splitlines():
         if line.startswith("    ") and line.strip():

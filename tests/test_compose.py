@@ -1,5 +1,5 @@
-"""docker-compose.yml: valid by the Compose Specification, and in agreement with the README and the
-Dockerfile (the same image, port, cache volume and container name)."""
+"""docker-compose.yml: valid by the Compose Specification, and in agreement with
+docs/deployment.md and the Dockerfile (the same image, port, cache volume and container name)."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def test_the_schema_catches_mistakes(
 
 def _readme_docker_runs() -> list[list[str]]:
     runs = [argv for argv in readme_commands() if argv[:2] == ["docker", "run"]]
-    assert runs, "the README's Docker section shows no `docker run`"
+    assert runs, "docs/deployment.md's Docker section shows no `docker run`"
     return runs
 
 
@@ -106,7 +106,7 @@ def test_readme_runs_use_the_dockerfile_port_and_cache() -> None:
             continue  # `docker run --rm ... download` (no server, no port)
         assert option_values(argv, "-p") == [f"{env['RERANKER_PORT']}:{env['RERANKER_PORT']}"]
         assert option_values(argv, "-v") == [f"$(pwd)/hf_cache:{env['RERANKER_MODEL_CACHE_DIR']}"]
-        assert argv[-1] in built, f"runs an image the README does not build: {argv[-1]}"
+        assert argv[-1] in built, f"runs an image docs/deployment.md does not build: {argv[-1]}"
         gpus.update(option_values(argv, "--gpus"))
     assert gpus == {"all", '"device=0"'}
 

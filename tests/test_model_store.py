@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -16,6 +19,8 @@ from reranker_server.errors import ModelLoadError
 from reranker_server.model_generator import STAGE1_FILE, TestModelPaths
 from reranker_server.model_store import COMPLETE_MARKER, resolve_stage1, resolve_stage2
 from reranker_server.runners.flashrank import FlashRankRunner
+
+from .conftest import free_port
 
 NAME = "ms-marco-MiniLM-L-12-v2"
 
@@ -169,3 +174,63 @@ def test_an_archive_that_unpacks_too_big_is_refused(
     with pytest.raises(ModelLoadError, match="zip bomb"):
         resolve_stage1(NAME, tmp_path, offline=False, timeout_s=10, base_url=model_host.url)
     assert list((tmp_path / "flashrank").iterdir()) == []
+
+
+FIXES = (
+    "a mirror (RERANKER_FLASHRANK_BASE_URL)",
+    "`reranker-server download` where there is internet",
+    "a local directory (RERANKER_STAGE1_MODEL)",
+    "`reranker-server make-test-models`",
+)
+
+
+@pytest.mark.parametrize("failure", ["refused", "http 404"])
+def test_a_failed_download_is_one_short_line_naming_the_fixes(
+    model_host: ModelHost, tmp_path: Path, failure: str
+) -> None:
+    base_url = f"http://127.0.0.1:{free_port()}" if failure == "refused" else model_host.url + "/x"
+    with pytest.raises(ModelLoadError) as info:
+        resolve_stage1(NAME, tmp_path, offline=False, timeout_s=5, base_url=base_url)
+    message = str(info.value)
+    reason = "can't reach 127.0.0.1" if failure == "refused" else "HTTP 404 from 127.0.0.1"
+    assert message.startswith(f"stage-1 model '{NAME}' could not be downloaded ({reason}); fix: ")
+    assert all(fix in message for fix in FIXES), message
+    assert "\n" not in message and len(message) < 400 and "urllib3" not in message
+    assert info.value.__cause__ is None  # no chained traceback text either
+    assert list((tmp_path / "flashrank").iterdir()) == []
+
+
+def _without_root_privileges() -> list[str]:
+    """A command prefix under which permission bits apply, as for uid 1000 in a container."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv (util-linux): permissions can't be tested")
+    return [setpriv, "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
+
+
+def test_an_unwritable_cache_is_one_line_naming_the_uid(tmp_path: Path) -> None:
+    cache = tmp_path / "hf_cache"
+    cache.mkdir(mode=0o555)
+    argv = [
+        *_without_root_privileges(),
+        str(Path(sys.executable).parent / "reranker-server"),
+        "download",
+        "--model-cache-dir",
+        str(cache),
+        "--flashrank-base-url",
+        f"http://127.0.0.1:{free_port()}",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RERANKER_")}
+    try:
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        cache.chmod(0o755)
+    assert out.returncode == 1
+    uid = os.getuid()
+    assert out.stderr.splitlines() == [
+        f"reranker-server: model cache {cache} is not writable by uid {uid}; fix: give uid {uid} "
+        f'write access (e.g. `chown -R {uid} <the cache>`; Docker: `docker run --user "$(id -u):'
+        '$(id -g)"`), or set RERANKER_MODEL_CACHE_DIR to a writable directory'
+    ]

@@ -1,5 +1,5 @@
-"""The README's "Framework integrations" Python snippets, run as written (base URL aside) against a
-live server, in one fresh interpreter as a user would run them."""
+"""The "Framework integrations" Python snippets of docs/clients.md (linked from the README), run
+as written (base URL aside) against a live server, in one fresh interpreter as a user would."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from pathlib import Path
 from .conftest import running
 from .keyword_server import keyword_app
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+CLIENTS_DOC = ROOT / "docs" / "clients.md"
 PARIS = "Paris is the capital of France."
 
 
 def integration_snippets() -> list[str]:
-    text = README.read_text()
+    text = CLIENTS_DOC.read_text()
     section = text.split("## Framework integrations", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
 
@@ -36,7 +37,7 @@ def test_every_integration_snippet_runs_and_ranks(tmp_path: Path) -> None:
             capture_output=True,
             text=True,
             timeout=180,
-            cwd=README.parent,
+            cwd=ROOT,
             env=env,
         )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,5 +1,5 @@
-"""The README's "Use it from…" Python snippets, run as written (base URL aside) against a live
-server, in one fresh interpreter as a user would run them."""
+"""The "Use it from…" Python snippets of docs/clients.md (linked from the README), run as written
+(base URL aside) against a live server, in one fresh interpreter as a user would run them."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from pathlib import Path
 from .conftest import running
 from .keyword_server import keyword_app
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+CLIENTS_DOC = ROOT / "docs" / "clients.md"
 PARIS = "Paris is the capital of France."
 
 
 def use_it_from_snippets() -> list[str]:
-    text = README.read_text()
+    text = CLIENTS_DOC.read_text()
     section = text.split("## Use it from…", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
 
@@ -34,7 +35,7 @@ def test_every_python_snippet_runs_and_ranks() -> None:
             capture_output=True,
             text=True,
             timeout=180,
-            cwd=README.parent,
+            cwd=ROOT,
         )
     assert done.returncode == 0, done.stderr[-3000:]
     outputs = done.stdout.split("=== snippet ")[1:]

@@ -1,4 +1,4 @@
-"""Settings: environment, flags, validation, and the README table."""
+"""Settings: environment, flags, validation, error lines, CLI help, the docs/settings.md table."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from reranker_server.cli import build_parser, settings_from_args
-from reranker_server.settings import Settings
+from reranker_server.cli import DOWNLOAD_SETTINGS, build_parser, settings_from_args
+from reranker_server.settings import Settings, SettingsError, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,10 +52,11 @@ def test_threads_never_oversubscribe() -> None:
     assert Settings(cpu_threads=2, workers=4).threads_per_worker() == 1
 
 
-def test_every_setting_is_documented_in_the_readme() -> None:
-    readme = (ROOT / "README.md").read_text()
-    missing = [n for n in Settings.model_fields if f"`RERANKER_{n.upper()}`" not in readme]
+def test_every_setting_is_documented_in_the_settings_page() -> None:
+    page = (ROOT / "docs" / "settings.md").read_text()
+    missing = [n for n in Settings.model_fields if f"`RERANKER_{n.upper()}`" not in page]
     assert missing == []
+    assert "(docs/settings.md)" in (ROOT / "README.md").read_text()  # linked from the README
 
 
 def test_requirements_txt_matches_pyproject() -> None:
@@ -90,3 +91,92 @@ def test_the_api_key_is_no_command_line_flag() -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--api-key", "visible-in-ps"])
     assert build_parser().parse_args(["serve", "--api-key-file", "/run/secrets/k"])
+
+
+def _invalid_value(name: str) -> str | None:
+    """A value the setting refuses, by its type (None for free-form strings and paths)."""
+    field = Settings.model_fields[name]
+    text = str(field.annotation)
+    if name in ("device", "cache_url"):
+        return "tpu" if name == "device" else "valkey://cache"
+    if field.annotation is bool:
+        return "maybe"
+    if "Literal" in text:
+        return "nope"
+    if field.annotation in (int, float):
+        return "many"
+    return None
+
+
+INVALID = {n: v for n in Settings.model_fields if (v := _invalid_value(n)) is not None}
+
+
+def test_the_invalid_values_cover_every_constrained_setting() -> None:
+    assert len(INVALID) >= 35 and {"port", "candidates", "log_level", "warmup"} <= set(INVALID)
+
+
+@pytest.mark.parametrize("name", sorted(INVALID))
+def test_an_invalid_value_is_one_line_naming_variable_and_value(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(f"RERANKER_{name.upper()}", INVALID[name])
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    (line,) = info.value.lines
+    shown = "<hidden>" if name == "cache_url" else repr(INVALID[name])
+    assert line.startswith(f"RERANKER_{name.upper()}={shown}: "), line
+    assert "\n" not in line and "Value error" not in line and "pydantic" not in line
+
+
+def test_a_flag_error_names_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RERANKER_CANDIDATES", "5")
+    with pytest.raises(SettingsError) as info:
+        load_settings({"candidates": "0"})
+    assert info.value.lines == ["--candidates='0': Input should be greater than or equal to 1"]
+
+
+def test_a_setting_the_caller_does_not_use_never_stops_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RERANKER_PORT", "abc")
+    monkeypatch.setenv("RERANKER_CANDIDATES", "7")
+    settings, notes = load_settings(unused={"port"})
+    assert (settings.port, settings.candidates) == (5200, 7)
+    assert notes == [
+        "RERANKER_PORT='abc': Input should be a valid integer, unable to parse string as an "
+        "integer; ignored (not used here)"
+    ]
+    monkeypatch.setenv("RERANKER_CANDIDATES", "x")
+    with pytest.raises(SettingsError):
+        load_settings(unused={"port"})
+
+
+def _help(*argv: str, capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_serve_help_shows_every_flag_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+    text = _help("serve", capsys=capsys)
+    assert "--candidates CANDIDATES Documents kept after stage 1" in text
+    assert "Default: 10. [env RERANKER_CANDIDATES]" in text
+    assert "Default: 5200. [env RERANKER_PORT]" in text
+    assert "--warmup, --no-warmup Run one pair through each model at startup. Default: on." in text
+    assert text.count("Default:") == len(Settings.model_fields) - 1  # not the API key
+
+
+def test_download_help_lists_only_what_download_reads(capsys: pytest.CaptureFixture[str]) -> None:
+    text = _help("download", capsys=capsys)
+    for flag in ("--stage1-model", "--stage2-model", "--model-cache-dir", "--offline"):
+        assert flag in text
+    for flag in ("--port", "--candidates", "--max-documents", "--cache-url"):
+        assert flag not in text
+    assert text.count("Default:") == len(DOWNLOAD_SETTINGS)
+
+
+def test_help_speaks_of_the_product_only(capsys: pytest.CaptureFixture[str]) -> None:
+    texts = [_help(capsys=capsys)] + [
+        _help(command, capsys=capsys) for command in ("serve", "download", "make-test-models")
+    ]
+    for text in texts:
+        for word in ("spec", "logs.configure_logging", "entry point"):
+            assert word not in text.lower(), (word, text[:200])

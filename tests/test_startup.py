@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from reranker_server.model_generator import TestModelPaths
 
@@ -58,10 +59,18 @@ def test_import_is_cheap() -> None:
 def test_uvicorn_entry_point_serves_and_stops_cleanly(
     tiny_models: TestModelPaths, tmp_path: Path
 ) -> None:
+    """The README's quick-start command. uvicorn's --port decides, so an invalid RERANKER_PORT
+    does not stop it (a warning says it is unused); each request is logged once, by the app."""
     port = free_port()
     process = subprocess.Popen(
         [str(BIN / "uvicorn"), "reranker_server:app", "--host", "127.0.0.1", "--port", str(port)],
-        env=env_for(tiny_models, tmp_path, RERANKER_STAGE2_ON_CPU="true"),
+        env=env_for(
+            tiny_models,
+            tmp_path,
+            RERANKER_STAGE2_ON_CPU="true",
+            RERANKER_PORT="abc",
+            RERANKER_LOG_FORMAT="text",
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -74,6 +83,7 @@ def test_uvicorn_entry_point_serves_and_stops_cleanly(
             f"{url}/rerank", json={"query": "paris", "documents": ["a", "b"], "top_k": 1}
         ).json()
         assert [s["device"] for s in body["stages"]] == ["cpu", "cpu"]
+        time.sleep(0.5)  # the access line is written after the response
         process.send_signal(signal.SIGTERM)
         # uvicorn's own CLI shuts down gracefully, then re-raises SIGTERM on itself
         assert process.wait(timeout=30) in (0, -signal.SIGTERM)
@@ -81,6 +91,10 @@ def test_uvicorn_entry_point_serves_and_stops_cleanly(
         process.kill()
         _, stderr = process.communicate()
     assert "models ready" in stderr and "Finished server process" in stderr
+    assert "RERANKER_PORT='abc' is not used" in stderr
+    access = [line for line in stderr.splitlines() if "POST /rerank" in line]
+    assert len(access) == 1, access
+    assert "reranker_server.access" in access[0] and "status=200" in access[0]
 
 
 def test_cli_serve_flags_override_environment(tiny_models: TestModelPaths, tmp_path: Path) -> None:
@@ -135,7 +149,28 @@ def test_missing_model_stops_startup_with_one_clear_line(
     assert "offline mode is on" in lines[0] and "fix:" in lines[0]
 
 
-def test_invalid_setting_is_reported_not_raised(tmp_path: Path) -> None:
+ENTRY_POINTS = {
+    "serve": [str(BIN / "reranker-server"), "serve"],
+    "download": [str(BIN / "reranker-server"), "download"],
+    "uvicorn": [str(BIN / "uvicorn"), "reranker_server:app", "--port", "1"],
+}
+
+
+@pytest.mark.parametrize("entry_point", sorted(ENTRY_POINTS))
+def test_an_invalid_setting_is_one_line_naming_the_variable_and_value(entry_point: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RERANKER_")}
+    env["RERANKER_DOWNLOAD_TIMEOUT_S"] = "soon"  # a setting every entry point uses
+    out = subprocess.run(
+        ENTRY_POINTS[entry_point], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        "reranker-server: invalid setting RERANKER_DOWNLOAD_TIMEOUT_S='soon': Input should be a "
+        "valid number, unable to parse string as a number"
+    ]
+
+
+def test_a_flag_error_names_the_flag() -> None:
     out = subprocess.run(
         [str(BIN / "reranker-server"), "serve", "--device", "tpu"],
         capture_output=True,
@@ -143,23 +178,30 @@ def test_invalid_setting_is_reported_not_raised(tmp_path: Path) -> None:
         timeout=60,
     )
     assert out.returncode == 2
-    assert "invalid setting device" in out.stderr and "Traceback" not in out.stderr
+    assert (
+        out.stderr
+        == "reranker-server: invalid setting --device='tpu': must be auto, cpu, cuda or cuda:N\n"
+    )
 
 
-def test_make_test_models_prints_the_settings(tmp_path: Path) -> None:
+def test_make_test_models_prints_the_readme_serve_command(tmp_path: Path) -> None:
+    """The README demo's second command, run as written; it prints the demo's third one."""
+    from .test_readme_quickstart import indented_blocks
+
+    (demo,) = indented_blocks("## Demo without downloads")
+    _, make, serve = demo.splitlines()
     out = subprocess.run(
-        [str(BIN / "reranker-server"), "make-test-models", str(tmp_path / "m")],
+        [str(BIN / word) if i == 0 else word for i, word in enumerate(make.split())],
         capture_output=True,
         text=True,
         timeout=300,
         check=True,
+        cwd=tmp_path,
     )
-    assert (
-        f"RERANKER_STAGE1_MODEL={tmp_path / 'm' / 'flashrank' / 'ms-marco-MiniLM-L-12-v2'}"
-        in out.stdout
-    )
-    assert f"RERANKER_STAGE2_MODEL={tmp_path / 'm' / 'cross-encoder'}" in out.stdout
-    assert (tmp_path / "m" / "cross-encoder" / "model.safetensors").is_file()
+    assert f"  {serve}\n" in out.stdout
+    assert "random-weight" in out.stdout and "not for ranking" in out.stdout
+    assert (tmp_path / "demo-models" / "cross-encoder" / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-models"]
 
 
 def test_sigterm_finishes_the_request_in_flight_then_exits_0(
