@@ -1,6 +1,16 @@
 """Stage 2: a sentence-transformers `CrossEncoder`, on the GPU (or the CPU by setting).
 
-Scores are sigmoid(logit), computed from `CrossEncoder.predict`'s raw logits.
+Scores are sigmoid(logit), computed from `CrossEncoder.predict`'s raw logits (softmax and the
+second label for 2-label heads).
+
+LLM-based rerankers (Qwen3-Reranker seq-cls conversions) bring a chat template
+(chat_template.jinja) that puts the pair into their prompt; sentence-transformers renders it with
+the pair as `query` and `document` messages and `instruction` as the system message (Qwen3's
+`<Instruct>:` line). A model without a template gets `instruction` prepended to the query. A
+template that can't carry a pair is refused at load, in one line.
+
+Needs the `[torch]` extra: torch and sentence-transformers are imported when a runner is built, so
+that without them the error is one line naming the extra (extras.py).
 
 On a GPU (an `Accelerator` is given):
 - weights in fp16 by default (`precision`), logits read back as float32;
@@ -18,15 +28,22 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from sentence_transformers import CrossEncoder
+
+from ..errors import ModelLoadError
+from ..extras import require_torch
 
 if TYPE_CHECKING:
     from ..devices import Accelerator
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def _dtype(precision: str):  # type: ignore[no-untyped-def]
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
 class CrossEncoderRunner:
@@ -44,7 +61,12 @@ class CrossEncoderRunner:
         vram_fraction: float = 0.5,
         trust_remote_code: bool = False,
         name: str | None = None,
+        instruction: str | None = None,
     ) -> None:
+        require_torch('stage 2 kind "cross-encoder" (sentence-transformers)')
+        import torch
+        from sentence_transformers import CrossEncoder
+
         self._accelerator = accelerator
         self.device = accelerator.torch_device if accelerator is not None else "cpu"
         self._batch_size = batch_size
@@ -59,18 +81,40 @@ class CrossEncoderRunner:
         if precision == "auto":
             precision = "fp16" if self.device.startswith("cuda") else "fp32"
         self.precision = precision
-        self._model.model.to(DTYPES[precision]).eval()
+        self._model.model.to(_dtype(precision)).eval()
         config = self._model.model.config
         # never longer than the model's position table (a longer pair would be a 500)
         self._max_length = min(max_length, int(config.max_position_embeddings))
         self._model.max_length = self._max_length
         # activation bytes one token costs in a forward pass (hidden states, FFN, attention row)
         width = 8 * config.hidden_size + 2 * config.intermediate_size
-        self._bytes_per_token = DTYPES[precision].itemsize * (
+        self._bytes_per_token = _dtype(precision).itemsize * (
             width + config.num_attention_heads * self._max_length
         )
         self.name = name or model_path  # shown to clients: a hub id, never a local path
         self.oom_retries = 0  # rungs taken down the OOM ladder, for metrics
+        self.instruction = instruction or None
+        self._check_template()
+
+    def _check_template(self) -> None:
+        """A chat template that can't carry a (query, document) pair is refused now, in one line
+        (sentence-transformers would raise a multi-line error on every request)."""
+        tokenizer = self._model.tokenizer
+        if getattr(tokenizer, "chat_template", None) is None:
+            return
+        try:
+            self._model.preprocess([("query", "document")], prompt=self.instruction)
+        except ValueError as exc:
+            reason = str(exc).split(" Pair inputs")[0].splitlines()[0]
+            raise ModelLoadError(
+                f"stage-2 model {self.name}: {reason}; fix: give the model a chat_template.jinja "
+                "that renders the 'query' and 'document' roles (Qwen3-Reranker's format, "
+                "docs/models.md), or remove its chat template"
+            ) from exc
+
+    def stats(self) -> dict[str, float]:
+        """Counters for metrics."""
+        return {"oom_retries": float(self.oom_retries)}
 
     def score(self, query: str, documents: Sequence[str]) -> list[float]:
         return self.score_pairs([(query, doc) for doc in documents])
@@ -124,8 +168,9 @@ class CrossEncoderRunner:
             self._accelerator.before_forward(len(pairs))
         out = self._model.predict(
             pairs,
+            prompt=self.instruction,
             batch_size=len(pairs),
-            activation_fn=torch.nn.Identity(),
+            activation_fn=_identity,
             convert_to_numpy=True,
             show_progress_bar=False,
         )
@@ -135,3 +180,8 @@ class CrossEncoderRunner:
         # (not relevant, relevant) logits: softmax, as FlashRank does for such models
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         return np.asarray(shifted[:, 1] / shifted.sum(axis=1))
+
+
+def _identity(scores):  # type: ignore[no-untyped-def]
+    """Raw logits out of `CrossEncoder.predict` (no activation)."""
+    return scores
