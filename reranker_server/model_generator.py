@@ -191,16 +191,22 @@ def _export_int8(model, path: Path, input_names: Sequence[str] = BERT_INPUTS) ->
         _quantize(fp32, path)
 
 
-def write_onnx_export(model, source: Path, target: Path) -> Path:  # type: ignore[no-untyped-def]
-    """`model` (a transformers sequence classifier) as a hub ONNX export: config and tokenizer
-    files from `source`, onnx/model.onnx (fp32) and the int8 variants of ONNX_VARIANTS."""
+def write_onnx_export(source: Path, target: Path, model: Any = None) -> Path:
+    """The sequence classifier in `source` (or `model`, already loaded) as a hub ONNX export in
+    `target`: its config, tokenizer and template files, onnx/model.onnx (fp32) and the int8
+    variants of ONNX_VARIANTS. No torch weights: only an ONNX runner can load it."""
+    if model is None:
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(str(source)).eval()
     target.mkdir(parents=True, exist_ok=True)
     for path in source.iterdir():
-        if path.is_file() and (path.suffix in (".json", ".txt", ".model", ".jinja")):
+        if path.is_file() and path.suffix in (".json", ".txt", ".model", ".jinja"):
             shutil.copy(path, target / path.name)
     model.config._attn_implementation = "eager"  # the classic attention graph
     fp32 = target / "onnx" / "model.onnx"
-    _export_onnx(model, fp32)
+    inputs = BERT_INPUTS if model.config.type_vocab_size > 1 else BERT_INPUTS[:2]
+    _export_onnx(model, fp32, inputs)
     for name, unsigned in ONNX_VARIANTS.items():
         _quantize(fp32, target / "onnx" / name, unsigned=unsigned)
     return target
@@ -460,6 +466,31 @@ def _write_special_tokens_map(directory: Path) -> None:
     path.write_text(json.dumps(specials, indent=2), encoding="utf-8")
 
 
+ONNX_FAMILIES = ("bert", "bert-2-label", "xlm-roberta")
+
+
+def flashrank_pairwise_names() -> list[str]:
+    """FlashRank's pairwise models (the layouts `write_flashrank_layout` writes)."""
+    from flashrank.Config import listwise_rankers, model_file_map
+
+    return sorted(n for n in model_file_map if n not in listwise_rankers)
+
+
+def write_matrix(directory: Path, *, seed: int = 0) -> dict[str, Path]:
+    """The whole coverage matrix under `directory`: `<family>` for STAGE2_FAMILIES,
+    `flashrank/<name>` for FlashRank's pairwise layouts, `onnx/<family>` for the ONNX exports of
+    ONNX_FAMILIES. Returns those relative names -> directories."""
+    directory = Path(directory)
+    paths = {f: write_family(directory / f, f, seed=seed) for f in STAGE2_FAMILIES}
+    for name in flashrank_pairwise_names():
+        paths[f"flashrank/{name}"] = write_flashrank_layout(
+            directory / "flashrank", name, seed=seed
+        )
+    for family in ONNX_FAMILIES:
+        paths[f"onnx/{family}"] = write_onnx_export(paths[family], directory / "onnx" / family)
+    return paths
+
+
 def write_test_models(
     directory: Path,
     *,
@@ -492,6 +523,6 @@ def write_test_models(
         ):
             shutil.copy(stage1 / name, raw / name)
         CrossEncoder(str(raw), device="cpu", local_files_only=True).save(str(stage2))
-    exported = write_onnx_export(model2, stage2, directory / "onnx-cross-encoder") if onnx else None
+    exported = write_onnx_export(stage2, directory / "onnx-cross-encoder", model2) if onnx else None
     logger.info("test models written to %s", directory)
     return TestModelPaths(stage1=stage1, stage2=stage2, onnx=exported)
