@@ -79,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
         "generated small vocabulary",
     )
     make.add_argument("--seed", type=int, default=0)
+    make.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also export the stage-2 model to ONNX (hub layout: onnx/model.onnx and int8 "
+        "variants) for the onnx-cross-encoder runner",
+    )
+    make.add_argument(
+        "--matrix",
+        action="store_true",
+        help="also write the coverage matrix (one tiny model per supported architecture, "
+        "FlashRank layouts, ONNX exports) under DIR/matrix",
+    )
     return parser
 
 
@@ -137,12 +149,39 @@ def _download(settings: Settings) -> int:
 
 
 def _make_test_models(args: argparse.Namespace) -> int:
-    from .model_generator import write_test_models
+    from .extras import missing_torch_modules
+
+    missing = missing_torch_modules() + [m for m in ("onnx",) if not _importable(m)]
+    if missing:
+        print(
+            f"reranker-server: make-test-models needs the dev extra ({', '.join(missing)} not "
+            "installed); fix: pip install torch==2.13.0 && pip install 'reranker-server[dev]'",
+            file=sys.stderr,
+        )
+        return 1
+    from .model_generator import write_matrix, write_test_models
 
     paths = write_test_models(
-        args.directory, full_size=args.full_size, tokenizer_dir=args.tokenizer, seed=args.seed
+        args.directory,
+        full_size=args.full_size,
+        tokenizer_dir=args.tokenizer,
+        seed=args.seed,
+        onnx=args.onnx,
     )
     print(f"wrote test models under {args.directory}; point the server at them with:")
     print(f"  export RERANKER_STAGE1_MODEL={paths.stage1}")
     print(f"  export RERANKER_STAGE2_MODEL={paths.stage2}")
+    if paths.onnx is not None:
+        print(f"  (ONNX export of the stage-2 model: {paths.onnx}, kind onnx-cross-encoder)")
+    if args.matrix:
+        written = write_matrix(args.directory / "matrix", seed=args.seed)
+        print(f"coverage matrix ({len(written)} models) under {args.directory / 'matrix'}")
     return 0
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
