@@ -166,9 +166,10 @@ class CrossEncoderRunner:
     def _forward(self, pairs: list[tuple[str, str]]) -> np.ndarray:
         if self._accelerator is not None:
             self._accelerator.before_forward(len(pairs))
+        extra = {"prompt": self.instruction} if self.instruction else {}
         out = self._model.predict(
             pairs,
-            prompt=self.instruction,
+            **extra,
             batch_size=len(pairs),
             activation_fn=_identity,
             convert_to_numpy=True,
