@@ -35,6 +35,12 @@ class Settings(BaseSettings):
         DEFAULT_STAGE2_MODEL,
         description="sentence-transformers cross-encoder: hub id or local directory.",
     )
+    stage2_instruction: str = Field(
+        "",
+        description="Instruction for LLM-based rerankers whose chat template takes one "
+        "(Qwen3-Reranker: the <Instruct> line; empty: the model's default); a model without a "
+        "chat template gets it prepended to the query. Empty: none.",
+    )
     model_cache_dir: Path = Field(
         Path("./hf_cache"), description="Where downloaded models are kept (Docker: /app/hf_cache)."
     )
