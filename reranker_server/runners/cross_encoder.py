@@ -105,7 +105,7 @@ class CrossEncoderRunner:
         try:
             self._model.preprocess([("query", "document")], prompt=self.instruction)
         except ValueError as exc:
-            reason = str(exc).split(" Pair inputs")[0].splitlines()[0]
+            reason = str(exc).split(" Pair inputs")[0].splitlines()[0].rstrip(".")
             raise ModelLoadError(
                 f"stage-2 model {self.name}: {reason}; fix: give the model a chat_template.jinja "
                 "that renders the 'query' and 'document' roles (Qwen3-Reranker's format, "
