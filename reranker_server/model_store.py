@@ -350,7 +350,7 @@ def resolve_stage2(
 
     hub_cache = cache_dir / "hub"
     try:
-        names = _hub_listing(name, hub_cache, offline=offline, endpoint=endpoint)
+        names = hub_listing(name, hub_cache, offline=offline, endpoint=endpoint)
         allow, ignore = hub_patterns(
             names, kind, onnx_file=onnx_file, trust_remote_code=trust_remote_code
         )
@@ -374,7 +374,18 @@ def resolve_stage2(
     return str(path)
 
 
-def _hub_listing(name: str, hub_cache: Path, *, offline: bool, endpoint: str | None) -> list[str]:
+def model_files(
+    name: str, cache_dir: Path, *, offline: bool, endpoint: str | None = None
+) -> list[str]:
+    """The files a model holds (paths relative to it): a local directory's, or a hub repository's
+    listing. With `infer_stage2_kind` this picks a runner kind when none is given."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    return hub_listing(name, cache_dir / "hub", offline=offline, endpoint=endpoint)
+
+
+def hub_listing(name: str, hub_cache: Path, *, offline: bool, endpoint: str | None) -> list[str]:
     """The repository's files: from the hub, or offline from the listing cached at download
     (so offline the same files are expected as were downloaded); [] where neither is known."""
     if not offline:

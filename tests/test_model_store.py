@@ -21,6 +21,7 @@ from reranker_server.model_store import (
     cpu_features,
     hub_patterns,
     infer_stage2_kind,
+    model_files,
     resolve_stage1,
     resolve_stage2,
 )
@@ -350,6 +351,14 @@ def test_hub_downloads_bring_what_the_model_needs(fake_hub: FakeHub, tmp_path: P
     assert onnx_files == [choose_onnx_file(fake_hub.files("org/minilm-onnx"))]
     runner = OnnxCrossEncoderRunner(path)
     assert runner.onnx_file.name == Path(onnx_files[0]).name
+    # with no kind given, the repository's files choose it
+    assert (
+        infer_stage2_kind(
+            model_files("org/minilm-onnx", tmp_path, offline=False, endpoint=fake_hub.url)
+        )
+        == "onnx-cross-encoder"
+    )
+    assert infer_stage2_kind(model_files("org/bin-only", tmp_path, offline=True)) == "cross-encoder"
     # later starts offline: the same files, from the cache, checked complete
     fake_hub.close()
     for repo, kind in (
