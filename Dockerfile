@@ -6,7 +6,8 @@
 #   Models baked in:      docker build --build-arg BAKE_MODELS=true -t reranker-server:baked .
 #
 # The install is the README's and CI's: torch==2.13.0 first (the CPU wheel from PyTorch's CPU index,
-# or PyPI's CUDA build), then the project from pyproject.toml. tests/test_docker.py checks that this
+# or PyPI's CUDA build), then the project from pyproject.toml with its `torch` extra (the
+# sentence-transformers stage 2). tests/test_docker.py checks that this
 # file agrees with .ci/run, the README and the CLI, and runs its health and download commands.
 
 ARG VARIANT=cpu
@@ -50,8 +51,10 @@ ENV NVIDIA_VISIBLE_DEVICES=all \
 FROM torch-${VARIANT} AS server
 COPY pyproject.toml README.md /app/
 COPY reranker_server /app/reranker_server
+# (".[torch]" is this project and its extra, not an unpinned package: DL3013 does not apply)
+# hadolint ignore=DL3013
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install . \
+    pip install ".[torch]" \
     && pip check
 
 # HF_HOME and the server's model cache are one directory, so that

@@ -35,13 +35,8 @@ DOWNLOAD_SETTINGS = (
     "log_format",
 )
 # What `make-test-models` imports (all in the base install), and the pip name of each.
-GENERATOR_MODULES = {
-    "torch": "torch==2.13.0",
-    "transformers": "transformers",
-    "sentence_transformers": "sentence-transformers",
-    "onnx": "onnx",
-    "onnxruntime": "onnxruntime",
-}
+# make-test-models builds the models with torch (the [torch] extra); onnx is in the base install.
+GENERATOR_MODULES = ("torch", "transformers", "sentence_transformers", "onnx")
 DEMO_DIR = Path("demo-models")
 
 
@@ -144,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
         "generated vocabulary",
     )
     make.add_argument("--seed", type=int, default=0, help="random seed. Default: 0")
+    make.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also export the stage-2 model to ONNX (hub layout: onnx/model.onnx and int8 "
+        "variants) for the onnx-cross-encoder runner",
+    )
+    make.add_argument(
+        "--matrix",
+        action="store_true",
+        help="also write the coverage matrix (one tiny model per supported architecture, "
+        "FlashRank layouts, ONNX exports) under DIR/matrix",
+    )
     return parser
 
 
@@ -204,33 +211,47 @@ def _download(settings: Settings) -> int:
 
 
 def _make_test_models(args: argparse.Namespace) -> int:
-    missing = [GENERATOR_MODULES[name] for name in GENERATOR_MODULES if find_spec(name) is None]
+    missing = [name for name in GENERATOR_MODULES if find_spec(name) is None]
     if missing:
         # torch on its own first: sentence-transformers would otherwise pull a CUDA build
-        fixes = [f"pip install {name}" for name in missing if name.startswith("torch")]
-        others = [name for name in missing if not name.startswith("torch")]
-        fixes += [f"pip install {' '.join(others)}"] if others else []
         print(
             f"reranker-server: make-test-models needs {', '.join(missing)} (not installed); "
-            f"fix: {' && '.join(fixes)}",
+            "fix: pip install torch==2.13.0 && pip install 'reranker-server[torch]'",
             file=sys.stderr,
         )
         return 1
-    from .model_generator import GeneratorError, write_test_models
+    from .model_generator import GeneratorError, write_matrix, write_test_models
 
     try:
         paths = write_test_models(
-            args.directory, full_size=args.full_size, tokenizer_dir=args.tokenizer, seed=args.seed
+            args.directory,
+            full_size=args.full_size,
+            tokenizer_dir=args.tokenizer,
+            seed=args.seed,
+            onnx=args.onnx,
         )
+        written = write_matrix(args.directory / "matrix", seed=args.seed) if args.matrix else None
     except GeneratorError as exc:
         print(f"reranker-server: {exc}", file=sys.stderr)
         return 1
     print(
         f"wrote random-weight models (for trying the API, not for ranking) under {args.directory}"
     )
+    if paths.onnx is not None:
+        print(f"  ONNX export of the stage-2 model (kind onnx-cross-encoder): {paths.onnx}")
+    if written is not None:
+        print(f"  coverage matrix ({len(written)} models) under {args.directory / 'matrix'}")
     print("start the server on them with:")
     print(
         f"  RERANKER_STAGE1_MODEL={paths.stage1} RERANKER_STAGE2_MODEL={paths.stage2} "
         "reranker-server serve"
     )
     return 0
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
+from .extras import TORCH_EXTRA, require_torch
 from .types import FallbackReason
 
 logger = logging.getLogger(__name__)
@@ -54,10 +55,12 @@ class Accelerator(Protocol):
 
 
 def cuda_runtime_available() -> bool:
-    """Whether torch sees a usable CUDA device (False when torch is a CPU build)."""
+    """Whether torch sees a usable CUDA device (False when torch is a CPU build or absent: the
+    base install has no torch, see extras.py)."""
     try:
         import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
+    except ImportError:
+        logger.info("torch is not installed: no GPU stage (GPU hosts: %s)", TORCH_EXTRA)
         return False
     return bool(torch.cuda.is_available())
 
@@ -144,6 +147,8 @@ def detect_accelerator(device: str, memory_limit_mb: float = 0) -> Accelerator |
     """
     if device == "cpu":
         return None
+    if device != "auto":  # a GPU asked for by name needs torch; `auto` without it means none
+        require_torch(f"RERANKER_DEVICE={device}")
     if not cuda_runtime_available():
         if device != "auto":
             logger.warning("device=%s asked for, but CUDA is not available: no GPU stage", device)

@@ -1,13 +1,19 @@
-"""Write deterministic, randomly-initialised BERT cross-encoders for offline tests and benchmarks.
+"""Write deterministic, randomly-initialised rerankers for offline tests and benchmarks.
 
     <dir>/flashrank/ms-marco-MiniLM-L-12-v2/   FlashRank's layout: int8 ONNX (`*_Q.onnx`, dynamic
                                                quantization like FlashRank's files), config and
                                                tokenizer files
     <dir>/cross-encoder/                       sentence-transformers' CrossEncoder layout
+    <dir>/onnx-cross-encoder/                  (onnx=True) the same cross-encoder as a hub ONNX
+                                               export: onnx/model.onnx (fp32) and int8 variants
+                                               named as on the hub (ONNX_VARIANTS), no torch weights
 
 Tiny by default (2 layers, width 32: seconds to build). `full_size=True` uses the real shapes
 (MiniLM-L12-H384 for stage 1, MiniLM-L6-H384 for stage 2) for benchmarks. Nothing is downloaded.
-Needs torch, transformers, onnx and onnxruntime (all in the base install).
+
+The coverage matrix (tests/test_model_matrix.py) uses `write_family` (one tiny stage-2 model per
+architecture the server supports: STAGE2_FAMILIES) and `write_flashrank_layout` (each FlashRank
+pairwise model's file layout). Needs torch, transformers, onnx and onnxruntime (the `dev` extra).
 
 The models are written into a temporary directory beside `<dir>` and renamed into place, so an
 interrupted run never leaves a half-written folder; every file is readable by any user (0644), so
@@ -22,13 +28,18 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
 STAGE1_NAME = "ms-marco-MiniLM-L-12-v2"
 STAGE1_FILE = "flashrank-MiniLM-L-12-v2_Q.onnx"
+BERT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# int8 files of a hub ONNX export (name -> unsigned weights), as sentence-transformers names them
+ONNX_VARIANTS = {"model_qint8_avx512_vnni.onnx": False, "model_quint8_avx2.onnx": True}
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = """
 the of and to in is was for on that with as by at from it be are this an or which his her
@@ -50,12 +61,13 @@ class GeneratorError(Exception):
 
 @dataclass(frozen=True)
 class TestModelPaths:
-    """Where `write_test_models` put the two models."""
+    """Where `write_test_models` put the models (`onnx`: the stage-2 model's ONNX export)."""
 
     __test__ = False  # not a pytest test class
 
     stage1: Path
     stage2: Path
+    onnx: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -146,34 +158,44 @@ def _bert(shape: Shape, vocab_size: int, seed: int):  # type: ignore[no-untyped-
     return BertForSequenceClassification(config).eval()
 
 
-def _export_int8(model, path: Path) -> None:  # type: ignore[no-untyped-def]
+def _export_onnx(model, path: Path, input_names: Sequence[str] = BERT_INPUTS) -> None:  # type: ignore[no-untyped-def]
+    """A float32 ONNX file of a sequence classifier, dynamic batch and sequence axes."""
     import torch
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    names = ["input_ids", "attention_mask", "token_type_ids"]
     ids = torch.ones((2, 8), dtype=torch.long)
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+    dummy = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    dummy["token_type_ids"] = torch.zeros_like(ids)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes about Python bools are expected here
-        fp32 = Path(tmp) / "model.onnx"
         torch.onnx.export(
             model,
-            (ids, torch.ones_like(ids), torch.zeros_like(ids)),
-            str(fp32),
-            input_names=names,
+            (),
+            str(path),
+            kwargs={n: dummy[n] for n in input_names},
+            input_names=list(input_names),
             output_names=["logits"],
             dynamic_axes={
-                **{n: {0: "batch", 1: "sequence"} for n in names},
+                **{n: {0: "batch", 1: "sequence"} for n in input_names},
                 "logits": {0: "batch"},
             },
             opset_version=14,
             dynamo=False,
         )
-        root = logging.getLogger()
-        root.addFilter(_no_preprocessing_advice)
-        try:
-            quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8)
-        finally:
-            root.removeFilter(_no_preprocessing_advice)
+
+
+def _quantize(fp32: Path, path: Path, *, unsigned: bool = False) -> None:
+    """Dynamic int8 quantization (activations quantized per batch), as FlashRank's and the hub's
+    int8 files are."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    weight_type = QuantType.QUInt8 if unsigned else QuantType.QInt8
+    root = logging.getLogger()
+    root.addFilter(_no_preprocessing_advice)
+    try:
+        quantize_dynamic(str(fp32), str(path), weight_type=weight_type)
+    finally:
+        root.removeFilter(_no_preprocessing_advice)
 
 
 def _no_preprocessing_advice(record: logging.LogRecord) -> bool:
@@ -181,11 +203,323 @@ def _no_preprocessing_advice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Please consider")
 
 
+def _export_int8(model, path: Path, input_names: Sequence[str] = BERT_INPUTS) -> None:  # type: ignore[no-untyped-def]
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "model.onnx"
+        _export_onnx(model, fp32, input_names)
+        _quantize(fp32, path)
+
+
+def write_onnx_export(source: Path, target: Path, model: Any = None) -> Path:
+    """The sequence classifier in `source` (or `model`, already loaded) as a hub ONNX export in
+    `target`: its config, tokenizer and template files, onnx/model.onnx (fp32) and the int8
+    variants of ONNX_VARIANTS. No torch weights: only an ONNX runner can load it."""
+    if model is None:
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(str(source)).eval()
+    target.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.is_file() and path.suffix in (".json", ".txt", ".model", ".jinja"):
+            shutil.copy(path, target / path.name)
+    model.config._attn_implementation = "eager"  # the classic attention graph
+    fp32 = target / "onnx" / "model.onnx"
+    inputs = BERT_INPUTS if model.config.type_vocab_size > 1 else BERT_INPUTS[:2]
+    _export_onnx(model, fp32, inputs)
+    for name, unsigned in ONNX_VARIANTS.items():
+        _quantize(fp32, target / "onnx" / name, unsigned=unsigned)
+    return target
+
+
+# --- the coverage matrix: one tiny model per supported architecture --------------------------
+
+STAGE2_FAMILIES = (
+    "bert",  # ms-marco-MiniLM-L-6-v2, the default stage 2
+    "bert-2-label",  # (not relevant, relevant) heads: softmax
+    "xlm-roberta",  # bge-reranker-v2-m3 (multilingual)
+    "electra",  # ms-marco-electra-base
+    "modernbert",  # gte-reranker-modernbert-base
+    "deberta-v2",  # mxbai-rerank-*-v1
+    "qwen3",  # Qwen3-Reranker seq-cls conversions, without a chat template
+    "qwen3-template",  # ... with Qwen3-Reranker's prompt in chat_template.jinja
+)
+# Qwen3-Reranker's documented prompt (model card of Qwen/Qwen3-Reranker-0.6B: system line,
+# then "<Instruct>: / <Query>: / <Document>:", then an empty think block), as a chat template over
+# sentence-transformers' pair roles: `query`, `document`, and `system` for the instruction.
+QWEN3_RERANKER_TEMPLATE = """\
+{%- set instruction = messages | selectattr("role", "eq", "system") | map(attribute="content") \
+| first | default("Given a web search query, retrieve relevant passages that answer the query") -%}
+{%- set query = messages | selectattr("role", "eq", "query") | map(attribute="content") | first -%}
+{%- set document = messages | selectattr("role", "eq", "document") | map(attribute="content") \
+| first -%}
+<|im_start|>system
+Judge whether the Document meets the requirements based on the Query and the Instruct provided. \
+Note that the answer can only be "yes" or "no".<|im_end|>
+<|im_start|>user
+<Instruct>: {{ instruction }}
+<Query>: {{ query }}
+<Document>: {{ document }}<|im_end|>
+<|im_start|>assistant
+<think>
+
+</think>
+
+"""
+# A plain ChatML template: renders system/user/assistant turns, drops other roles, so it
+# cannot carry a (query, document) pair (the error case).
+CHATML_TEMPLATE = """\
+{%- for message in messages if message.role in ("system", "user", "assistant") -%}
+<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endfor -%}
+<|im_start|>assistant
+"""
+FLASHRANK_T5 = "rank-T5-flan"
+
+
+def _pieces(specials: Sequence[str], mask: str) -> list[tuple[str, float]]:
+    """A small sentencepiece-style Unigram vocabulary: specials first, then words and letters."""
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    letters += list(".,;:!?'\"()-/")
+    words = ["\u2581", *("\u2581" + w for w in WORDS), *letters, *("\u2581" + c for c in letters)]
+    seen: dict[str, None] = {}
+    for piece in [*specials, *words, mask]:
+        seen.setdefault(piece, None)
+    special = {*specials, mask}
+    return [(p, 0.0 if p in special else -1.0 - (i % 7)) for i, p in enumerate(seen)]
+
+
+def _save_tokenizer(family: str, directory: Path) -> int:
+    """The family's own tokenizer class, saved as transformers saves it; returns its size."""
+    if family in ("bert", "bert-2-label", "electra", "modernbert"):
+        size = _write_tokenizer(directory, None)
+        if family == "modernbert":  # a generic fast tokenizer, as gte-reranker-modernbert's
+            config_file = directory / "tokenizer_config.json"
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")
+        return size
+    tokenizer: Any
+    if family == "xlm-roberta":
+        from transformers import XLMRobertaTokenizer
+
+        tokenizer = XLMRobertaTokenizer(vocab=_pieces(["<s>", "<pad>", "</s>", "<unk>"], "<mask>"))
+    elif family == "deberta-v2":
+        from transformers import DebertaV2Tokenizer
+
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+        tokenizer = DebertaV2Tokenizer(vocab=_pieces(specials, "[MASK]"), unk_id=1)
+    elif family == FLASHRANK_T5:
+        from transformers import T5Tokenizer
+
+        tokenizer = T5Tokenizer(vocab=_pieces(["<pad>", "</s>", "<unk>"], "<unk>"), extra_ids=0)
+    else:  # qwen3: byte-level BPE over single bytes (no merges), ChatML special tokens
+        from transformers import Qwen2Tokenizer
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        alphabet = list(bytes_to_unicode().values())
+        tokenizer = Qwen2Tokenizer(vocab={c: i for i, c in enumerate(alphabet)}, merges=[])
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.model_max_length = 512
+    tokenizer.save_pretrained(str(directory))
+    return len(tokenizer)
+
+
+def _family_model(family: str, vocab_size: int, pad_id: int, seed: int):  # type: ignore[no-untyped-def]
+    """A tiny randomly initialised sequence classifier of the family's architecture."""
+    import torch
+    import transformers as tf
+
+    config: Any
+    model_class: Any
+    common: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": TINY.hidden,
+        "num_hidden_layers": TINY.layers,
+        "num_attention_heads": TINY.heads,
+        "intermediate_size": TINY.intermediate,
+        "num_labels": 2 if family == "bert-2-label" else 1,
+        "pad_token_id": pad_id,
+        "initializer_range": TINY.init_range,
+    }
+    if family in ("bert", "bert-2-label"):
+        config = tf.BertConfig(max_position_embeddings=512, **common)
+        model_class = tf.BertForSequenceClassification
+    elif family == "xlm-roberta":
+        config = tf.XLMRobertaConfig(
+            max_position_embeddings=514, type_vocab_size=1, bos_token_id=0, eos_token_id=2, **common
+        )
+        model_class = tf.XLMRobertaForSequenceClassification
+    elif family == "electra":
+        config = tf.ElectraConfig(embedding_size=TINY.hidden, max_position_embeddings=512, **common)
+        model_class = tf.ElectraForSequenceClassification
+    elif family == "modernbert":
+        config = tf.ModernBertConfig(  # type: ignore[call-arg]
+            max_position_embeddings=512,
+            global_attn_every_n_layers=1,
+            local_attention=64,
+            cls_token_id=2,
+            sep_token_id=3,
+            bos_token_id=2,
+            eos_token_id=3,
+            **common,
+        )
+        model_class = tf.ModernBertForSequenceClassification
+    elif family == "deberta-v2":
+        config = tf.DebertaV2Config(  # type: ignore[call-arg]
+            max_position_embeddings=512,
+            relative_attention=True,
+            position_buckets=32,
+            pos_att_type=["p2c", "c2p"],
+            **common,
+        )
+        model_class = tf.DebertaV2ForSequenceClassification
+    else:  # qwen3, qwen3-template
+        config = tf.Qwen3Config(
+            max_position_embeddings=512,
+            num_key_value_heads=1,
+            head_dim=TINY.hidden // TINY.heads,
+            tie_word_embeddings=False,
+            **common,
+        )
+        model_class = tf.Qwen3ForSequenceClassification
+    torch.manual_seed(seed)
+    return model_class(config).eval()
+
+
+def write_family(
+    directory: Path, family: str, *, seed: int = 0, template: str | None = None
+) -> Path:
+    """One tiny stage-2 model of `family` (STAGE2_FAMILIES) in `directory`, saved as transformers
+    saves it (config, model.safetensors, the family's tokenizer files); `template` overrides the
+    chat_template.jinja that qwen3-template gets."""
+    if family not in STAGE2_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; one of {', '.join(STAGE2_FAMILIES)}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab_size = _save_tokenizer(family, directory)
+    config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    pad_id = _pad_id(directory, config)
+    _family_model(family, vocab_size, pad_id, seed).save_pretrained(str(directory))
+    if family == "qwen3-template" or template is not None:
+        (directory / "chat_template.jinja").write_text(
+            template or QWEN3_RERANKER_TEMPLATE, encoding="utf-8"
+        )
+    return directory
+
+
+def _pad_id(directory: Path, tokenizer_config: dict[str, object]) -> int:
+    from tokenizers import Tokenizer
+
+    pad = tokenizer_config.get("pad_token") or "[PAD]"
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    found = tokenizer.token_to_id(str(pad))
+    return int(found) if found is not None else 0
+
+
+def _t5_ranker(vocab_size: int, seed: int):  # type: ignore[no-untyped-def]
+    """A T5 encoder with a one-logit head: rank-T5's shape as a pairwise scorer."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    class T5Ranker(torch.nn.Module):
+        def __init__(self, config: T5Config) -> None:
+            super().__init__()
+            self.config = config
+            self.encoder = T5EncoderModel(config)
+            self.head = torch.nn.Linear(config.d_model, 1)
+
+        def forward(self, input_ids, attention_mask):  # type: ignore[no-untyped-def]
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
+            return self.head(hidden[:, 0])
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=TINY.hidden,
+        d_kv=TINY.hidden // TINY.heads,
+        d_ff=TINY.intermediate,
+        num_layers=TINY.layers,
+        num_heads=TINY.heads,
+        pad_token_id=0,
+        eos_token_id=1,
+        initializer_factor=5.0,
+    )
+    return T5Ranker(config).eval()
+
+
+def write_flashrank_layout(directory: Path, name: str, *, seed: int = 0) -> Path:
+    """FlashRank's layout for the pairwise model `name` (flashrank.Config.model_file_map): its
+    ONNX file name (int8 for `*_Q.onnx`, else fp32), config and tokenizer files, a tiny model."""
+    from flashrank.Config import listwise_rankers, model_file_map
+
+    if name not in model_file_map or name in listwise_rankers:
+        raise ValueError(f"{name!r} is not a FlashRank pairwise model")
+    target = Path(directory) / name
+    onnx_file = target / model_file_map[name]
+    if name == FLASHRANK_T5:
+        vocab_size = _save_tokenizer(FLASHRANK_T5, target)
+        model = _t5_ranker(vocab_size, seed)
+        model.config.to_json_file(str(target / "config.json"))
+        inputs: Sequence[str] = ("input_ids", "attention_mask")
+    else:
+        vocab_size = _write_tokenizer(target, None)
+        model = _bert(TINY, vocab_size, seed)
+        model.config.to_json_file(str(target / "config.json"))
+        inputs = BERT_INPUTS
+    _write_special_tokens_map(target)
+    if onnx_file.stem.endswith("_Q"):
+        _export_int8(model, onnx_file, inputs)
+    else:
+        _export_onnx(model, onnx_file, inputs)
+    return target
+
+
+def _write_special_tokens_map(directory: Path) -> None:
+    """FlashRank reads special_tokens_map.json (transformers 5 no longer writes it)."""
+    path = directory / "special_tokens_map.json"
+    if path.is_file():
+        return
+    config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    specials = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
+    path.write_text(json.dumps(specials, indent=2), encoding="utf-8")
+
+
+ONNX_FAMILIES = ("bert", "bert-2-label", "xlm-roberta")
+
+
+def flashrank_pairwise_names() -> list[str]:
+    """FlashRank's pairwise models (the layouts `write_flashrank_layout` writes)."""
+    from flashrank.Config import listwise_rankers, model_file_map
+
+    return sorted(n for n in model_file_map if n not in listwise_rankers)
+
+
+def write_matrix(directory: Path, *, seed: int = 0) -> dict[str, Path]:
+    """The whole coverage matrix under `directory`: `<family>` for STAGE2_FAMILIES,
+    `flashrank/<name>` for FlashRank's pairwise layouts, `onnx/<family>` for the ONNX exports of
+    ONNX_FAMILIES. Returns those relative names -> directories."""
+    directory = Path(directory)
+    paths = {f: write_family(directory / f, f, seed=seed) for f in STAGE2_FAMILIES}
+    for name in flashrank_pairwise_names():
+        paths[f"flashrank/{name}"] = write_flashrank_layout(
+            directory / "flashrank", name, seed=seed
+        )
+    for family in ONNX_FAMILIES:
+        paths[f"onnx/{family}"] = write_onnx_export(paths[family], directory / "onnx" / family)
+    return paths
+
+
 def write_test_models(
-    directory: Path, *, full_size: bool = False, tokenizer_dir: Path | None = None, seed: int = 0
+    directory: Path,
+    *,
+    full_size: bool = False,
+    tokenizer_dir: Path | None = None,
+    seed: int = 0,
+    onnx: bool = False,
 ) -> TestModelPaths:
-    """Write both models under `directory` (new, empty, or an earlier output) and return their
-    paths."""
+    """Write both models (and with `onnx` the stage-2 model's ONNX export) under `directory`
+    (new, empty, or an earlier output) and return their paths."""
     directory = Path(directory)
     _check_target(directory)
     try:
@@ -197,18 +531,21 @@ def write_test_models(
             "you can write to"
         ) from None
     try:
-        _write_models(work, full_size=full_size, tokenizer_dir=tokenizer_dir, seed=seed)
+        _write_models(work, full_size=full_size, tokenizer_dir=tokenizer_dir, seed=seed, onnx=onnx)
         _make_readable(work)
         _move_into_place(work, directory)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     logger.info("test models written to %s", directory)
+    exported = directory / "onnx-cross-encoder"
     return TestModelPaths(
-        stage1=directory / "flashrank" / STAGE1_NAME, stage2=directory / "cross-encoder"
+        stage1=directory / "flashrank" / STAGE1_NAME,
+        stage2=directory / "cross-encoder",
+        onnx=exported if onnx else None,
     )
 
 
-OUTPUT_NAMES = {"flashrank", "cross-encoder"}
+OUTPUT_NAMES = {"flashrank", "cross-encoder", "onnx-cross-encoder", "matrix"}
 
 
 def _check_target(directory: Path) -> None:
@@ -244,20 +581,24 @@ def _make_readable(root: Path) -> None:
 
 
 def _write_models(
-    directory: Path, *, full_size: bool, tokenizer_dir: Path | None, seed: int
+    directory: Path, *, full_size: bool, tokenizer_dir: Path | None, seed: int, onnx: bool
 ) -> None:
     from transformers.utils import logging as transformers_logging
 
     bars = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()  # "Writing model shards" for a 100 kB file
     try:
-        _write_both(directory, full_size=full_size, tokenizer_dir=tokenizer_dir, seed=seed)
+        _write_both(
+            directory, full_size=full_size, tokenizer_dir=tokenizer_dir, seed=seed, onnx=onnx
+        )
     finally:
         if bars:
             transformers_logging.enable_progress_bar()
 
 
-def _write_both(directory: Path, *, full_size: bool, tokenizer_dir: Path | None, seed: int) -> None:
+def _write_both(
+    directory: Path, *, full_size: bool, tokenizer_dir: Path | None, seed: int, onnx: bool
+) -> None:
     from sentence_transformers import CrossEncoder
 
     stage1 = directory / "flashrank" / STAGE1_NAME
@@ -268,9 +609,10 @@ def _write_both(directory: Path, *, full_size: bool, tokenizer_dir: Path | None,
     model1.config.to_json_file(str(stage1 / "config.json"))
     _export_int8(model1, stage1 / STAGE1_FILE)
 
+    model2 = _bert(STAGE2_FULL if full_size else TINY, vocab_size, seed + 1)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp)
-        _bert(STAGE2_FULL if full_size else TINY, vocab_size, seed + 1).save_pretrained(raw)
+        model2.save_pretrained(raw)
         for name in (
             "tokenizer.json",
             "vocab.txt",
@@ -279,3 +621,5 @@ def _write_both(directory: Path, *, full_size: bool, tokenizer_dir: Path | None,
         ):
             shutil.copy(stage1 / name, raw / name)
         CrossEncoder(str(raw), device="cpu", local_files_only=True).save(str(stage2))
+    if onnx:
+        write_onnx_export(stage2, directory / "onnx-cross-encoder", model2)

@@ -6,16 +6,22 @@ Layout of the cache directory (`model_cache_dir`):
     hub/models--org--name/     the Hugging Face hub cache (HF_HOME=<cache dir> uses the same)
 
 Downloads go to a temporary directory inside the cache and are renamed into place, and a marker
-file says "complete": a half-finished download is never mistaken for a model.
+file says "complete": a half-finished download is never mistaken for a model. Hub downloads take
+what the runner kind needs (`hub_patterns`): tokenizer, config and template files (`*.jinja`: a
+chat template changes the scores), then the weights (`*.safetensors`, else `pytorch_model*.bin`)
+or the one ONNX file the CPU should run (`choose_onnx_file`), and are checked once they are in.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
+import platform
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -32,8 +38,10 @@ FLASHRANK_REQUIRED = (
     "tokenizer_config.json",
     "special_tokens_map.json",
 )
-HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.model"]
 MAX_UNPACKED_BYTES = 4 * 2**30  # FlashRank's largest pairwise archive unpacks to well under 1 GB
+# What every runner kind needs from a hub repository: configs, tokenizer files (vocab.txt,
+# merges.txt, sentencepiece *.model, *.tiktoken) and templates (chat_template.jinja).
+HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 HUB_IGNORE = ["onnx/*", "openvino/*", "*/onnx/*", "*/openvino/*"]
 DEFAULT_HUB = "https://huggingface.co"
 
@@ -96,6 +104,20 @@ def _reason(exc: BaseException, url: str) -> str:
     return text if text and len(text) <= 80 and "\n" not in text else type(exc).__name__
 
 
+ONNX_HUB_IGNORE = ["openvino/*", "*/openvino/*"]
+STAGE2_KINDS = ("cross-encoder", "onnx-cross-encoder")
+# ONNX files a hub export may hold, by the CPU they are quantized for (sentence-transformers /
+# optimum names), best first; then CPU-neutral int8 files (transformers.js names).
+ONNX_BY_CPU_FLAG = (
+    ("avx512_vnni", "model_qint8_avx512_vnni"),
+    ("avx512bw", "model_qint8_avx512"),
+    ("avx2", "model_quint8_avx2"),
+)
+ONNX_ARM64 = "model_qint8_arm64"
+ONNX_GENERIC_INT8 = ("model_int8", "model_quantized", "model_uint8")
+ONNX_FP32 = "model"
+
+
 @dataclass(frozen=True)
 class FlashRankFiles:
     """A FlashRank model directory and the ONNX file in it."""
@@ -111,22 +133,110 @@ def flashrank_model_files() -> dict[str, str]:
     return {k: v for k, v in model_file_map.items() if k not in listwise_rankers}
 
 
+def listwise_flashrank_models() -> set[str]:
+    """FlashRank's listwise (LLM) rerankers: names it knows that this server does not run."""
+    from flashrank.Config import listwise_rankers
+
+    return set(listwise_rankers)
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """What decides which quantized ONNX file runs best: the architecture and the x86 flags."""
+
+    arm64: bool
+    flags: frozenset[str]
+
+
+def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> CpuFeatures:
+    """This machine's CPU (no flags where /proc/cpuinfo can't be read)."""
+    flags: set[str] = set()
+    try:
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip().lower() in ("flags", "features"):
+                flags.update(value.split())
+                break
+    except OSError:
+        pass
+    arm64 = platform.machine().lower() in ("aarch64", "arm64")
+    return CpuFeatures(arm64=arm64, flags=frozenset(flags))
+
+
+def onnx_preference(cpu: CpuFeatures) -> list[str]:
+    """ONNX file stems in the order `auto` tries them on this CPU: int8 first, fp32 last."""
+    stems = [ONNX_ARM64] if cpu.arm64 else [s for flag, s in ONNX_BY_CPU_FLAG if flag in cpu.flags]
+    return [*stems, *ONNX_GENERIC_INT8, ONNX_FP32]
+
+
+def onnx_files_in(names: Iterable[str]) -> list[str]:
+    """The ONNX files among repository paths: at the top or in `onnx/`."""
+    return sorted(
+        n for n in names if n.endswith(".onnx") and (n.count("/") == 0 or n.startswith("onnx/"))
+    )
+
+
+def choose_onnx_file(
+    names: Iterable[str], requested: str = "auto", cpu: CpuFeatures | None = None
+) -> str | None:
+    """Which ONNX file (a repository path) to run.
+
+    `auto`: the int8 file quantized for this CPU, else a CPU-neutral int8 one, else `model.onnx`
+    (in `onnx/` or at the top), else the only ONNX file there is. `fp32`: `model.onnx`. Anything
+    else names a file, as a path in the repository or a name in `onnx/`. None: no such file.
+    """
+    files = onnx_files_in(names)
+    if requested not in ("auto", "fp32"):
+        wanted = requested if requested.endswith(".onnx") else f"{requested}.onnx"
+        for path in (wanted, f"onnx/{wanted}"):
+            if path in files:
+                return path
+        return None
+    stems = onnx_preference(cpu or cpu_features()) if requested == "auto" else [ONNX_FP32]
+    for stem in stems:
+        for path in (f"onnx/{stem}.onnx", f"{stem}.onnx"):
+            if path in files:
+                return path
+    return files[0] if requested == "auto" and len(files) == 1 else None
+
+
+def _found(directory: Path, limit: int = 12) -> str:
+    """The files in a directory (and its onnx/ folder), for error messages."""
+    names = sorted(
+        str(p.relative_to(directory))
+        for p in [*directory.glob("*"), *directory.glob("onnx/*")]
+        if p.is_file() and not p.name.startswith(".")
+    )
+    shown = ", ".join(names[:limit]) + (
+        f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    )
+    return shown or "nothing"
+
+
 def _find_onnx(directory: Path) -> Path | None:
     known = flashrank_model_files().get(directory.name)
     if known and (directory / known).is_file():
         return directory / known
     candidates = sorted(directory.glob("*.onnx"), key=lambda p: (not p.stem.endswith("_Q"), p.name))
-    return candidates[0] if candidates else None
+    if candidates:
+        return candidates[0]
+    # a hub export (onnx/model.onnx and quantized variants): the file this CPU runs best
+    chosen = choose_onnx_file(str(p.relative_to(directory)) for p in directory.glob("onnx/*.onnx"))
+    return directory / chosen if chosen else None
 
 
 def _flashrank_files(directory: Path) -> FlashRankFiles:
-    missing = [name for name in FLASHRANK_REQUIRED if not (directory / name).is_file()]
     onnx_file = _find_onnx(directory)
+    hub_layout = onnx_file is not None and onnx_file.parent.name == "onnx"
+    # a hub export's tokenizer.json carries its special tokens; FlashRank's layout lists them
+    required = ("config.json", "tokenizer.json") if hub_layout else FLASHRANK_REQUIRED
+    missing = [name for name in required if not (directory / name).is_file()]
     if missing or onnx_file is None:
-        what = ", ".join(missing + ([] if onnx_file else ["*.onnx"]))
+        what = ", ".join(missing + ([] if onnx_file else ["*.onnx or onnx/*.onnx"]))
         raise ModelLoadError(
-            f"stage-1 model directory {directory} is incomplete (missing {what}); fix: point "
-            "RERANKER_STAGE1_MODEL at a FlashRank model directory or delete it to download again"
+            f"stage-1 model directory {directory} is incomplete (missing {what}; found: "
+            f"{_found(directory)}); fix: point RERANKER_STAGE1_MODEL at a FlashRank model "
+            "directory or delete it to download again"
         )
     return FlashRankFiles(directory=directory, onnx_file=onnx_file)
 
@@ -139,6 +249,11 @@ def resolve_stage1(
     if local.is_dir():
         return _flashrank_files(local)
     known = flashrank_model_files()
+    if name in listwise_flashrank_models():
+        raise ModelLoadError(
+            f"stage-1 model '{name}' is a FlashRank listwise model (an LLM that reorders a whole "
+            f"list), not supported here; fix: use a pairwise model: {', '.join(sorted(known))}"
+        )
     if name not in known:
         raise ModelLoadError(
             f"stage-1 model '{name}' is neither a directory nor a FlashRank model name; fix: use "
@@ -208,6 +323,81 @@ def _download_flashrank(url: str, name: str, target: Path, timeout_s: float) -> 
             # else: another replica on the same volume finished first; keep its copy
 
 
+def weight_files(names: Iterable[str]) -> list[str]:
+    """The torch weights among repository paths: safetensors when there are any, else
+    `pytorch_model*.bin` (older repositories ship only those)."""
+    names = list(names)
+    safetensors = [n for n in names if n.endswith(".safetensors") and "/" not in n]
+    if safetensors:
+        return sorted(safetensors)
+    return sorted(n for n in names if fnmatch.fnmatch(n, "pytorch_model*.bin") and "/" not in n)
+
+
+def infer_stage2_kind(names: Iterable[str]) -> str | None:
+    """The runner kind a model's files call for: torch weights -> `cross-encoder`, else ONNX
+    files -> `onnx-cross-encoder`; None when there are neither."""
+    names = list(names)
+    if weight_files(names):
+        return "cross-encoder"
+    return "onnx-cross-encoder" if onnx_files_in(names) else None
+
+
+def hub_patterns(
+    names: Sequence[str],
+    kind: str,
+    *,
+    onnx_file: str = "auto",
+    trust_remote_code: bool = False,
+    cpu: CpuFeatures | None = None,
+) -> tuple[list[str], list[str]]:
+    """(allow, ignore) patterns for downloading what a `kind` runner needs from a repository
+    holding the files `names`: configs, tokenizer and templates, then the weights it runs."""
+    allow = list(HUB_PATTERNS)
+    if kind == "onnx-cross-encoder":
+        chosen = choose_onnx_file(names, onnx_file, cpu)
+        if chosen:  # and its external weights, when it has them (models over 2 GB)
+            allow += [chosen, f"{chosen}_data", f"{chosen}.data"]
+        return allow, list(ONNX_HUB_IGNORE)
+    weights = weight_files(names)  # [] when the listing is unknown: allow either kind
+    if not weights or weights[0].endswith(".safetensors"):
+        allow.append("*.safetensors")  # every shard, and modules in subfolders
+    if not weights or weights[0].endswith(".bin"):
+        allow.append("*pytorch_model*.bin")  # only when there are no safetensors
+    if trust_remote_code:
+        allow.append("*.py")  # a repository's own Python code only when the settings trust it
+    return allow, list(HUB_IGNORE)
+
+
+def check_stage2_dir(
+    directory: Path, kind: str, *, onnx_file: str = "auto", cpu: CpuFeatures | None = None
+) -> None:
+    """Raise ModelLoadError (naming the files found) unless `directory` holds what `kind` runs."""
+    names = [
+        str(p.relative_to(directory)) for p in [*directory.glob("*"), *directory.glob("onnx/*")]
+    ]
+    if kind == "onnx-cross-encoder":
+        missing = [] if (directory / "tokenizer.json").is_file() else ["tokenizer.json"]
+        if choose_onnx_file(names, onnx_file, cpu) is None:
+            wanted = "model.onnx" if onnx_file in ("auto", "fp32") else onnx_file
+            missing.append(f"{wanted} (onnx_file={onnx_file})")
+        fix = (
+            "point the model at a directory or hub repository with onnx/*.onnx (or model.onnx) "
+            "and tokenizer.json, or set onnx_file to one of the files found"
+        )
+    else:
+        missing = [] if (directory / "config.json").is_file() else ["config.json"]
+        if not weight_files(names):
+            missing.append("*.safetensors or pytorch_model.bin")
+        fix = "point RERANKER_STAGE2_MODEL at a cross-encoder saved by sentence-transformers"
+        if not weight_files(names) and onnx_files_in(names):
+            fix = 'it holds ONNX files: use kind = "onnx-cross-encoder"'
+    if missing:
+        raise ModelLoadError(
+            f"stage-2 model directory {directory} has no {', '.join(missing)} for kind {kind} "
+            f"(found: {_found(directory)}); fix: {fix}"
+        )
+
+
 def resolve_stage2(
     name: str,
     cache_dir: Path,
@@ -216,27 +406,28 @@ def resolve_stage2(
     timeout_s: float,
     endpoint: str | None = None,
     trust_remote_code: bool = False,
+    kind: str = "cross-encoder",
+    onnx_file: str = "auto",
 ) -> str:
-    """A local cross-encoder directory, or a hub id fetched into the cache."""
+    """A local model directory, or a hub id fetched into the cache, checked for `kind`."""
     local = Path(name).expanduser()
     if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise ModelLoadError(
-                f"stage-2 model directory {local} has no config.json; fix: point "
-                "RERANKER_STAGE2_MODEL at a cross-encoder saved by sentence-transformers"
-            )
+        check_stage2_dir(local, kind, onnx_file=onnx_file)
         return str(local)
     from huggingface_hub import snapshot_download
 
     hub_cache = cache_dir / "hub"
     try:
+        names = hub_listing(name, hub_cache, offline=offline, endpoint=endpoint)
+        allow, ignore = hub_patterns(
+            names, kind, onnx_file=onnx_file, trust_remote_code=trust_remote_code
+        )
         path = snapshot_download(
             name,
             cache_dir=hub_cache,
             local_files_only=offline,
-            # a repository's own Python code only when the settings trust it
-            allow_patterns=HUB_PATTERNS + (["*.py"] if trust_remote_code else []),
-            ignore_patterns=HUB_IGNORE,
+            allow_patterns=allow,
+            ignore_patterns=ignore,
             etag_timeout=timeout_s,
             endpoint=endpoint,
         )
@@ -254,6 +445,7 @@ def resolve_stage2(
             f"stage-2 model '{name}' could not be downloaded ({_hub_reason(exc, endpoint)}); "
             + download_fixes(2)
         ) from None
+    check_stage2_dir(Path(path), kind, onnx_file=onnx_file)  # verify before it is used
     return str(path)
 
 
@@ -274,6 +466,34 @@ def _hub_reason(exc: Exception, endpoint: str | None) -> str:
     return f"{type(exc).__name__} from {host}"
 
 
+def model_files(
+    name: str, cache_dir: Path, *, offline: bool, endpoint: str | None = None
+) -> list[str]:
+    """The files a model holds (paths relative to it): a local directory's, or a hub repository's
+    listing. With `infer_stage2_kind` this picks a runner kind when none is given."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    return hub_listing(name, cache_dir / "hub", offline=offline, endpoint=endpoint)
+
+
+def hub_listing(name: str, hub_cache: Path, *, offline: bool, endpoint: str | None) -> list[str]:
+    """The repository's files: from the hub, or offline from the listing cached at download
+    (so offline the same files are expected as were downloaded); [] where neither is known."""
+    if not offline:
+        from huggingface_hub import HfApi
+
+        return list(HfApi(endpoint=endpoint).list_repo_files(name))
+    try:
+        from huggingface_hub import get_cached_repo_tree
+    except ImportError:  # older huggingface-hub: no listing cache, no completeness check either
+        return []
+    try:
+        return [entry.path for entry in get_cached_repo_tree(name, cache_dir=hub_cache)]
+    except Exception:  # not downloaded yet: snapshot_download says so below
+        return []
+
+
 def stage1_files(settings: Settings, model: str | None = None) -> FlashRankFiles:
     """A FlashRank model (default: the stage-1 model the settings name), fetched if needed."""
     return resolve_stage1(
@@ -285,9 +505,14 @@ def stage1_files(settings: Settings, model: str | None = None) -> FlashRankFiles
     )
 
 
-def stage2_path(settings: Settings, model: str | None = None) -> str:
-    """A cross-encoder directory (default: the stage-2 model the settings name), fetched if
-    needed."""
+def stage2_path(
+    settings: Settings,
+    *,
+    model: str | None = None,
+    kind: str = "cross-encoder",
+    onnx_file: str = "auto",
+) -> str:
+    """The stage-2 model directory the settings (or a cascade's `model`) name, fetched if needed."""
     return resolve_stage2(
         model or settings.stage2_model,
         settings.model_cache_dir,
@@ -295,4 +520,6 @@ def stage2_path(settings: Settings, model: str | None = None) -> str:
         timeout_s=settings.download_timeout_s,
         endpoint=settings.hub_endpoint,
         trust_remote_code=settings.trust_remote_code,
+        kind=kind,
+        onnx_file=onnx_file,
     )

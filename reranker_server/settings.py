@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     stage2_kind: str = Field(
         "cross-encoder", description="Runner kind of stage 2 (runners/registry.py)."
     )
+    stage2_instruction: str = Field(
+        "",
+        description="Instruction for LLM-based rerankers whose chat template takes one "
+        "(Qwen3-Reranker: the <Instruct> line; empty: the model's default); a model without a "
+        "chat template gets it prepended to the query. Empty: none.",
+    )
     model_cache_dir: Path = Field(
         Path("./hf_cache"), description="Where downloaded models are kept (Docker: /app/hf_cache)."
     )

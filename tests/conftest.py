@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import uvicorn
 
-from reranker_server.model_generator import TestModelPaths, write_test_models
+from reranker_server.model_generator import TestModelPaths, write_matrix, write_test_models
 from reranker_server.settings import Settings
 
 
@@ -41,6 +41,16 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TestModelPaths:
     with warnings.catch_warnings():  # the ONNX export's tracer warnings are not test failures
         warnings.simplefilter("ignore")
         return write_test_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def model_matrix(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The coverage matrix (model_generator.write_matrix): a tiny model per architecture, each
+    FlashRank layout, ONNX exports. Name (e.g. "xlm-roberta", "flashrank/rank-T5-flan",
+    "onnx/bert") -> directory."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return write_matrix(tmp_path_factory.mktemp("matrix"))
 
 
 @pytest.fixture

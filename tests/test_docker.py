@@ -115,7 +115,7 @@ def test_install_path_is_the_readme_and_ci_one(instructions: list[Instruction]) 
     assert any("pyproject.toml" in c for c in copied)
     pip_runs = [i.arguments for i in server if i.keyword == "RUN" and "pip install" in i.arguments]
     assert len(pip_runs) == 1
-    assert re.search(r"pip install \.(\s|$)", pip_runs[0]), pip_runs[0]
+    assert re.search(r'pip install "\.\[torch\]"(\s|$)', pip_runs[0]), pip_runs[0]
     assert "requirements" not in " ".join(copied + pip_runs)
     assert "pip check" in pip_runs[0]
 

@@ -17,10 +17,23 @@ import pytest
 
 from reranker_server.errors import ModelLoadError
 from reranker_server.model_generator import STAGE1_FILE, TestModelPaths
-from reranker_server.model_store import COMPLETE_MARKER, resolve_stage1, resolve_stage2
+from reranker_server.model_store import (
+    COMPLETE_MARKER,
+    CpuFeatures,
+    choose_onnx_file,
+    cpu_features,
+    hub_patterns,
+    infer_stage2_kind,
+    model_files,
+    resolve_stage1,
+    resolve_stage2,
+)
+from reranker_server.runners.cross_encoder import CrossEncoderRunner
 from reranker_server.runners.flashrank import FlashRankRunner
+from reranker_server.runners.onnx_cross_encoder import OnnxCrossEncoderRunner
 
 from .conftest import free_port
+from .hub_server import FakeHub
 
 NAME = "ms-marco-MiniLM-L-12-v2"
 
@@ -234,3 +247,239 @@ def test_an_unwritable_cache_is_one_line_naming_the_uid(tmp_path: Path) -> None:
         f'write access (e.g. `chown -R {uid} <the cache>`; Docker: `docker run --user "$(id -u):'
         '$(id -g)"`), or set RERANKER_MODEL_CACHE_DIR to a writable directory'
     ]
+
+
+# --- stage 2: which files a runner kind needs, from the hub or a directory ---------------------
+
+# File listings of real hub repositories (abridged), as `HfApi.list_repo_files` returns them.
+MINILM_L6 = [  # cross-encoder/ms-marco-MiniLM-L6-v2
+    ".gitattributes",
+    "README.md",
+    "config.json",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "flax_model.msgpack",
+    "tf_model.h5",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "onnx/model.onnx",
+    "onnx/model_O1.onnx",
+    "onnx/model_O4.onnx",
+    "onnx/model_qint8_arm64.onnx",
+    "onnx/model_qint8_avx512.onnx",
+    "onnx/model_qint8_avx512_vnni.onnx",
+    "onnx/model_quint8_avx2.onnx",
+    "openvino/openvino_model.bin",
+    "openvino/openvino_model.xml",
+]
+QWEN3_SEQ_CLS = [  # tomaarsen/Qwen3-Reranker-0.6B-seq-cls
+    "README.md",
+    "chat_template.jinja",
+    "config.json",
+    "config_sentence_transformers.json",
+    "merges.txt",
+    "model.safetensors",
+    "modules.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+]
+BIN_ONLY = ["config.json", "pytorch_model.bin", "tokenizer.json", "vocab.txt", "README.md"]
+XENOVA = ["config.json", "tokenizer.json", "onnx/model.onnx", "onnx/model_quantized.onnx"]
+
+
+def downloaded(names: list[str], allow: list[str], ignore: list[str]) -> list[str]:
+    from huggingface_hub.utils import filter_repo_objects
+
+    return sorted(filter_repo_objects(names, allow_patterns=allow, ignore_patterns=ignore))
+
+
+def test_cross_encoder_downloads_keep_templates_and_weights() -> None:
+    assert downloaded(QWEN3_SEQ_CLS, *hub_patterns(QWEN3_SEQ_CLS, "cross-encoder")) == sorted(
+        n for n in QWEN3_SEQ_CLS if n != "README.md"
+    )
+    got = downloaded(MINILM_L6, *hub_patterns(MINILM_L6, "cross-encoder"))
+    assert "model.safetensors" in got and "pytorch_model.bin" not in got  # one copy of weights
+    assert not [n for n in got if n.startswith(("onnx/", "openvino/")) or n.endswith(".h5")]
+    assert downloaded(BIN_ONLY, *hub_patterns(BIN_ONLY, "cross-encoder")) == [
+        "config.json",
+        "pytorch_model.bin",
+        "tokenizer.json",
+        "vocab.txt",
+    ]
+    assert "modeling_x.py" not in downloaded(
+        [*BIN_ONLY, "modeling_x.py"], *hub_patterns(BIN_ONLY, "cross-encoder")
+    )
+    trusted = hub_patterns(BIN_ONLY, "cross-encoder", trust_remote_code=True)
+    assert "modeling_x.py" in downloaded([*BIN_ONLY, "modeling_x.py"], *trusted)
+
+
+AVX2 = CpuFeatures(arm64=False, flags=frozenset({"avx", "avx2"}))
+VNNI = CpuFeatures(arm64=False, flags=frozenset({"avx2", "avx512f", "avx512bw", "avx512_vnni"}))
+ARM = CpuFeatures(arm64=True, flags=frozenset({"asimd"}))
+OLD_X86 = CpuFeatures(arm64=False, flags=frozenset({"sse4_2"}))
+
+
+@pytest.mark.parametrize(
+    ("names", "requested", "cpu", "chosen"),
+    [
+        (MINILM_L6, "auto", VNNI, "onnx/model_qint8_avx512_vnni.onnx"),
+        (MINILM_L6, "auto", AVX2, "onnx/model_quint8_avx2.onnx"),
+        (MINILM_L6, "auto", ARM, "onnx/model_qint8_arm64.onnx"),
+        (MINILM_L6, "auto", OLD_X86, "onnx/model.onnx"),
+        (MINILM_L6, "fp32", VNNI, "onnx/model.onnx"),
+        (MINILM_L6, "model_O1.onnx", AVX2, "onnx/model_O1.onnx"),
+        (MINILM_L6, "onnx/model_qint8_arm64.onnx", AVX2, "onnx/model_qint8_arm64.onnx"),
+        (MINILM_L6, "model_q4.onnx", AVX2, None),
+        (XENOVA, "auto", AVX2, "onnx/model_quantized.onnx"),
+        (["model.onnx", "tokenizer.json"], "auto", VNNI, "model.onnx"),
+        (["weird-name.onnx"], "auto", AVX2, "weird-name.onnx"),
+        (["onnx/a.onnx", "onnx/b.onnx"], "auto", AVX2, None),
+        (BIN_ONLY, "auto", AVX2, None),
+    ],
+)
+def test_the_onnx_file_that_fits_the_cpu(
+    names: list[str], requested: str, cpu: CpuFeatures, chosen: str | None
+) -> None:
+    assert choose_onnx_file(names, requested, cpu) == chosen
+
+
+def test_cpu_flags_come_from_cpuinfo(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512bw avx512_vnni\n\n")
+    assert {"avx2", "avx512_vnni"} <= cpu_features(cpuinfo).flags
+    assert cpu_features(tmp_path / "absent").flags == frozenset()
+
+
+def test_onnx_downloads_take_the_one_file_the_cpu_runs() -> None:
+    allow, ignore = hub_patterns(MINILM_L6, "onnx-cross-encoder", cpu=AVX2)
+    got = downloaded(MINILM_L6, allow, ignore)
+    assert [n for n in got if n.endswith((".onnx", ".bin", ".safetensors", ".h5"))] == [
+        "onnx/model_quint8_avx2.onnx"
+    ]
+    assert {"tokenizer.json", "config.json", "vocab.txt"} <= set(got)
+    allow, ignore = hub_patterns(MINILM_L6, "onnx-cross-encoder", onnx_file="fp32", cpu=AVX2)
+    assert "onnx/model.onnx" in downloaded(MINILM_L6, allow, ignore)
+
+
+def test_the_kind_follows_the_files() -> None:
+    assert infer_stage2_kind(MINILM_L6) == "cross-encoder"
+    assert infer_stage2_kind(BIN_ONLY) == "cross-encoder"
+    assert infer_stage2_kind(XENOVA) == "onnx-cross-encoder"
+    assert infer_stage2_kind(["config.json", "README.md"]) is None
+
+
+@pytest.fixture
+def fake_hub(model_matrix: dict[str, Path], tmp_path: Path) -> Iterator[FakeHub]:
+    import torch
+    from safetensors.torch import load_file
+
+    bin_only = tmp_path / "bin-only"  # an older repository: pytorch_model.bin, no safetensors
+    shutil.copytree(model_matrix["bert"], bin_only)
+    torch.save(load_file(bin_only / "model.safetensors"), bin_only / "pytorch_model.bin")
+    (bin_only / "model.safetensors").unlink()
+    hub = FakeHub(
+        {
+            "org/qwen3-reranker-seq-cls": model_matrix["qwen3-template"],
+            "org/bin-only": bin_only,
+            "org/minilm-onnx": model_matrix["onnx/bert"],
+        }
+    )
+    yield hub
+    hub.close()
+
+
+def test_hub_downloads_bring_what_the_model_needs(fake_hub: FakeHub, tmp_path: Path) -> None:
+    path = resolve_stage2(
+        "org/qwen3-reranker-seq-cls", tmp_path, offline=False, timeout_s=10, endpoint=fake_hub.url
+    )
+    assert (Path(path) / "chat_template.jinja").is_file()  # the scores depend on it
+    path = resolve_stage2(
+        "org/bin-only", tmp_path, offline=False, timeout_s=10, endpoint=fake_hub.url
+    )
+    assert (Path(path) / "pytorch_model.bin").is_file()
+    assert len(CrossEncoderRunner(path).score("paris", ["paris is a city", "a dog"])) == 2
+    fake_hub.downloaded.clear()
+    path = resolve_stage2(
+        "org/minilm-onnx",
+        tmp_path,
+        offline=False,
+        timeout_s=10,
+        endpoint=fake_hub.url,
+        kind="onnx-cross-encoder",
+    )
+    onnx_files = [n for n in fake_hub.downloaded if n.endswith(".onnx")]
+    assert onnx_files == [choose_onnx_file(fake_hub.files("org/minilm-onnx"))]
+    runner = OnnxCrossEncoderRunner(path)
+    assert runner.onnx_file.name == Path(onnx_files[0]).name
+    # with no kind given, the repository's files choose it
+    assert (
+        infer_stage2_kind(
+            model_files("org/minilm-onnx", tmp_path, offline=False, endpoint=fake_hub.url)
+        )
+        == "onnx-cross-encoder"
+    )
+    assert infer_stage2_kind(model_files("org/bin-only", tmp_path, offline=True)) == "cross-encoder"
+    # later starts offline: the same files, from the cache, checked complete
+    fake_hub.close()
+    for repo, kind in (
+        ("org/qwen3-reranker-seq-cls", "cross-encoder"),
+        ("org/bin-only", "cross-encoder"),
+        ("org/minilm-onnx", "onnx-cross-encoder"),
+    ):
+        assert Path(resolve_stage2(repo, tmp_path, offline=True, timeout_s=1, kind=kind)).is_dir()
+
+
+def test_a_model_without_what_its_kind_runs_names_the_files_found(
+    model_matrix: dict[str, Path], tmp_path: Path
+) -> None:
+    with pytest.raises(ModelLoadError) as info:  # ONNX only, asked to run through torch
+        resolve_stage2(str(model_matrix["onnx/bert"]), tmp_path, offline=True, timeout_s=1)
+    message = str(info.value)
+    assert "\n" not in message and "onnx/model.onnx" in message and "tokenizer.json" in message
+    assert 'kind = "onnx-cross-encoder"' in message
+    with pytest.raises(ModelLoadError) as info:  # torch weights only, asked to run ONNX
+        resolve_stage2(
+            str(model_matrix["bert"]),
+            tmp_path,
+            offline=True,
+            timeout_s=1,
+            kind="onnx-cross-encoder",
+        )
+    assert "model.safetensors" in str(info.value) and "fix:" in str(info.value)
+    with pytest.raises(ModelLoadError, match=r"model_q4.onnx.*found: .*onnx/model.onnx"):
+        resolve_stage2(
+            str(model_matrix["onnx/bert"]),
+            tmp_path,
+            offline=True,
+            timeout_s=1,
+            kind="onnx-cross-encoder",
+            onnx_file="model_q4.onnx",
+        )
+
+
+def test_a_hub_onnx_export_loads_as_stage_1(model_matrix: dict[str, Path], tmp_path: Path) -> None:
+    export = model_matrix["onnx/bert"]
+    files = resolve_stage1(str(export), tmp_path, offline=True, timeout_s=1)
+    assert files.onnx_file == export / str(choose_onnx_file(fake_names(export)))
+    stage1 = FlashRankRunner(files.directory, files.onnx_file)
+    same_file = OnnxCrossEncoderRunner(export, onnx_file=files.onnx_file.name)
+    docs = ["paris is the capital of france", "a dog", ""]
+    assert stage1.score("capital of france", docs) == pytest.approx(
+        same_file.score("capital of france", docs), abs=1e-5
+    )
+
+
+def fake_names(directory: Path) -> list[str]:
+    return [str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()]
+
+
+def test_flashrank_listwise_models_are_refused_as_such(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError) as info:
+        resolve_stage1("rank_zephyr_7b_v1_full", tmp_path, offline=True, timeout_s=1)
+    message = str(info.value)
+    assert "listwise" in message and "not supported" in message and "neither" not in message
+    assert "ms-marco-MiniLM-L-12-v2" in message and "\n" not in message

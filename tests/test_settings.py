@@ -67,8 +67,18 @@ def test_requirements_txt_matches_pyproject() -> None:
         if line.strip() and not line.startswith("#")
     ]
     assert listed == project["dependencies"]
-    for spec_package in ("fastapi", "uvicorn", "sentence-transformers", "flashrank", "torch"):
+    for spec_package in ("fastapi", "uvicorn", "flashrank", "onnxruntime", "tokenizers"):
         assert any(re.match(rf"{spec_package}\b", d) for d in listed)
+
+
+def test_torch_is_an_extra_that_the_dev_install_includes() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    torch_stack = ("torch", "transformers", "sentence-transformers")
+    assert not [d for d in project["dependencies"] if re.match(rf"({'|'.join(torch_stack)})\b", d)]
+    extra = project["optional-dependencies"]["torch"]
+    for package in torch_stack:
+        assert any(re.match(rf"{package}\b", d) for d in extra)
+    assert "reranker-server[torch]" in project["optional-dependencies"]["dev"]
 
 
 def test_ci_installs_the_pinned_cpu_torch_and_runs_the_readme_command() -> None:

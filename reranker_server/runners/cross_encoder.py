@@ -1,6 +1,16 @@
 """Stage 2: a sentence-transformers `CrossEncoder`, on the GPU (or the CPU by setting).
 
-Scores are sigmoid(logit), computed from `CrossEncoder.predict`'s raw logits.
+Scores are sigmoid(logit), computed from `CrossEncoder.predict`'s raw logits (softmax and the
+second label for 2-label heads).
+
+LLM-based rerankers (Qwen3-Reranker seq-cls conversions) bring a chat template
+(chat_template.jinja) that puts the pair into their prompt; sentence-transformers renders it with
+the pair as `query` and `document` messages and `instruction` as the system message (Qwen3's
+`<Instruct>:` line). A model without a template gets `instruction` prepended to the query. A
+template that can't carry a pair is refused at load, in one line.
+
+Needs the `[torch]` extra: torch and sentence-transformers are imported when a runner is built, so
+that without them the error is one line naming the extra (extras.py).
 
 On a GPU (an `Accelerator` is given):
 - weights in fp16 by default (`precision`), logits read back as float32;
@@ -19,10 +29,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from sentence_transformers import CrossEncoder
 
 from ..errors import ModelLoadError
+from ..extras import require_torch
 from .base import Pair, PairwiseRunner
 
 if TYPE_CHECKING:
@@ -31,7 +40,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def _dtype(precision: str):  # type: ignore[no-untyped-def]
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
 class CrossEncoderRunner(PairwiseRunner):
@@ -50,7 +65,12 @@ class CrossEncoderRunner(PairwiseRunner):
         vram_fraction: float = 0.5,
         trust_remote_code: bool = False,
         name: str | None = None,
+        instruction: str | None = None,
     ) -> None:
+        require_torch('stage 2 kind "cross-encoder" (sentence-transformers)')
+        import torch
+        from sentence_transformers import CrossEncoder
+
         self._accelerator = accelerator
         self.device = accelerator.torch_device if accelerator is not None else "cpu"
         self._batch_size = batch_size
@@ -66,7 +86,7 @@ class CrossEncoderRunner(PairwiseRunner):
         if precision == "auto":
             precision = "fp16" if self.device.startswith("cuda") else "fp32"
         self.precision = precision
-        self._model.model.to(DTYPES[precision]).eval()
+        self._model.model.to(_dtype(precision)).eval()
         config = self._model.model.config
         # never longer than the model's position table (a longer pair would be a 500)
         self._max_length = min(max_length, int(config.max_position_embeddings))
@@ -74,14 +94,33 @@ class CrossEncoderRunner(PairwiseRunner):
         self.batch_tokens = batch_size * self._max_length
         # activation bytes one token costs in a forward pass (hidden states, FFN, attention row)
         width = 8 * config.hidden_size + 2 * config.intermediate_size
-        self._bytes_per_token = DTYPES[precision].itemsize * (
+        self._bytes_per_token = _dtype(precision).itemsize * (
             width + config.num_attention_heads * self._max_length
         )
         self.name = name or model_path  # shown to clients: a hub id, never a local path
         self.files: Path | None = Path(model_path)
         self.oom_retries = 0  # rungs taken down the OOM ladder, for metrics
+        self.instruction = instruction or None
+        self._check_template()
+
+    def _check_template(self) -> None:
+        """A chat template that can't carry a (query, document) pair is refused now, in one line
+        (sentence-transformers would raise a multi-line error on every request)."""
+        tokenizer = self._model.tokenizer
+        if getattr(tokenizer, "chat_template", None) is None:
+            return
+        try:
+            self._model.preprocess([("query", "document")], prompt=self.instruction)
+        except ValueError as exc:
+            reason = str(exc).split(" Pair inputs")[0].splitlines()[0].rstrip(".")
+            raise ModelLoadError(
+                f"stage-2 model {self.name}: {reason}; fix: give the model a chat_template.jinja "
+                "that renders the 'query' and 'document' roles (Qwen3-Reranker's format, "
+                "docs/models.md), or remove its chat template"
+            ) from exc
 
     def stats(self) -> dict[str, float]:
+        """Counters for metrics."""
         return {"oom_retries": float(self.oom_retries)}
 
     def score_pairs(self, pairs: Sequence[Pair]) -> list[float]:
@@ -131,10 +170,12 @@ class CrossEncoderRunner(PairwiseRunner):
     def _forward(self, pairs: list[tuple[str, str]]) -> np.ndarray:
         if self._accelerator is not None:
             self._accelerator.before_forward(len(pairs))
+        extra = {"prompt": self.instruction} if self.instruction else {}
         out = self._model.predict(
             pairs,
+            **extra,
             batch_size=len(pairs),
-            activation_fn=torch.nn.Identity(),
+            activation_fn=_identity,
             convert_to_numpy=True,
             show_progress_bar=False,
         )
@@ -146,13 +187,18 @@ class CrossEncoderRunner(PairwiseRunner):
         return np.asarray(shifted[:, 1] / shifted.sum(axis=1))
 
 
+def _identity(scores):  # type: ignore[no-untyped-def]
+    """Raw logits out of `CrossEncoder.predict` (no activation)."""
+    return scores
+
+
 def load(model: str, settings: Settings, accelerator: Accelerator | None) -> CrossEncoderRunner:
     """The `cross-encoder` runner kind: a sentence-transformers cross-encoder (hub id, fetched
     into the cache, or directory); on the GPU in `stage2_precision` when an accelerator is given,
     else on the CPU in `stage2_cpu_precision`."""
     from ..model_store import stage2_path
 
-    path = stage2_path(settings, model)
+    path = stage2_path(settings, model=model)
     try:
         return CrossEncoderRunner(
             path,
@@ -168,7 +214,10 @@ def load(model: str, settings: Settings, accelerator: Accelerator | None) -> Cro
             vram_fraction=settings.stage2_vram_fraction,
             trust_remote_code=settings.trust_remote_code,
             name=Path(model).name if Path(model).expanduser().is_dir() else model,
+            instruction=settings.stage2_instruction or None,
         )
+    except ModelLoadError:  # one line already (torch missing, a template that can't carry a pair)
+        raise
     except Exception as exc:
         raise ModelLoadError(
             f"stage-2 model {path} could not be loaded ({type(exc).__name__}: {exc}); fix: "

@@ -21,7 +21,7 @@ import json
 import mmap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
@@ -36,13 +36,17 @@ if TYPE_CHECKING:
 
 
 def load_flashrank_tokenizer(directory: Path, max_length: int) -> tuple[Tokenizer, int]:
-    """The tokenizer as FlashRank configures it (truncation, special tokens); returns pad id too."""
+    """The tokenizer as FlashRank configures it (truncation, special tokens); returns pad id too.
+
+    A hub export (onnx/model.onnx) may lack tokenizer_config.json and special_tokens_map.json:
+    its tokenizer.json carries the special tokens, and `max_length` bounds the pair.
+    """
     config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
-    tokens_map = json.loads((directory / "special_tokens_map.json").read_text(encoding="utf-8"))
+    tokenizer_config = _json_or_empty(directory / "tokenizer_config.json")
+    tokens_map = _json_or_empty(directory / "special_tokens_map.json")
     tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
     tokenizer.enable_truncation(
-        max_length=min(int(tokenizer_config["model_max_length"]), max_length)
+        max_length=min(int(tokenizer_config.get("model_max_length", max_length)), max_length)
     )
     tokenizer.no_padding()  # padding is done per batch, below
     for token in tokens_map.values():
@@ -50,7 +54,11 @@ def load_flashrank_tokenizer(directory: Path, max_length: int) -> tuple[Tokenize
             tokenizer.add_special_tokens([token])
         elif isinstance(token, dict):
             tokenizer.add_special_tokens([AddedToken(**token)])
-    return tokenizer, int(config["pad_token_id"])
+    return tokenizer, int(config.get("pad_token_id") or 0)
+
+
+def _json_or_empty(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def quantizes_per_batch(onnx_file: Path) -> bool:

@@ -26,6 +26,7 @@ RunnerFactory = Callable[[str, "Settings", "Accelerator | None"], Runner]
 RUNNER_KINDS: dict[str, str | RunnerFactory] = {
     "flashrank": "reranker_server.runners.flashrank:load",
     "cross-encoder": "reranker_server.runners.cross_encoder:load",
+    "onnx-cross-encoder": "reranker_server.runners.onnx_cross_encoder:load",
 }
 
 
