@@ -214,9 +214,12 @@ def _make_test_models(args: argparse.Namespace) -> int:
     missing = [name for name in GENERATOR_MODULES if find_spec(name) is None]
     if missing:
         # torch on its own first: sentence-transformers would otherwise pull a CUDA build
+        fixes = ["pip install onnx"] if "onnx" in missing else []
+        if any(name != "onnx" for name in missing):
+            fixes.insert(0, "pip install torch==2.13.0 && pip install 'reranker-server[torch]'")
         print(
             f"reranker-server: make-test-models needs {', '.join(missing)} (not installed); "
-            "fix: pip install torch==2.13.0 && pip install 'reranker-server[torch]'",
+            f"fix: {' && '.join(fixes)}",
             file=sys.stderr,
         )
         return 1

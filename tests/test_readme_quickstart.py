@@ -47,10 +47,13 @@ def test_a_newcomer_finds_the_quick_start_demo_and_first_answer_near_the_top() -
 
 
 def test_the_demo_is_three_commands_and_starts_from_the_quick_start_install() -> None:
+    """The demo installs what the quick start does plus the torch extra (it builds the models)."""
     (quick_start,) = indented_blocks("## Quick start (CPU)")
     (demo,) = indented_blocks("## Demo without downloads")
     install, make, serve = demo.splitlines()
-    assert quick_start.startswith(install + " && uvicorn reranker_server:app")
+    venv = "python3 -m venv .venv && . .venv/bin/activate && "
+    assert quick_start.startswith(venv + "pip install -e . && uvicorn reranker_server:app")
+    assert install == venv + "pip install torch==2.13.0 && pip install -e '.[torch]'"
     assert make == "reranker-server make-test-models"
     assert serve.endswith(" reranker-server serve")
 

@@ -196,4 +196,4 @@ def test_make_test_models_without_torch_names_the_extra(
         timeout=120,
     )
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert "torch" in done.stderr and "reranker-server[dev]" in done.stderr
+    assert "torch" in done.stderr and "reranker-server[torch]" in done.stderr

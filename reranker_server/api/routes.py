@@ -30,6 +30,7 @@ batch_router = APIRouter(tags=["batch"], dependencies=API_KEY_DOCUMENTED)
 cohere_router = APIRouter(tags=["cohere"], dependencies=API_KEY_DOCUMENTED)
 vllm_router = APIRouter(tags=["vllm"], dependencies=API_KEY_DOCUMENTED)
 tei_router = APIRouter(tags=["tei"])
+models_router = APIRouter(tags=["vllm"])  # GET: open like /health (the guard checks POSTs)
 
 
 def _body_shape(body: Any) -> str:
@@ -142,7 +143,7 @@ async def score(
     return vllm.from_outcomes(outcomes, model)
 
 
-@vllm_router.get("/v1/models", response_model=vllm.ModelList)
+@models_router.get("/v1/models", response_model=vllm.ModelList)
 async def models(service: ServiceDep) -> vllm.ModelList:
     """The model names this server answers to (OpenAI's list shape)."""
     return vllm.model_list(service.model_names())
@@ -155,4 +156,4 @@ async def info(service: ServiceDep) -> tei.TeiInfo:
     return tei.info(service.final_model(), service.final_precision(), service.settings, __version__)
 
 
-ROUTERS = (native_router, batch_router, cohere_router, vllm_router, tei_router)
+ROUTERS = (native_router, batch_router, cohere_router, vllm_router, tei_router, models_router)
