@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     stage2_kind: str = Field(
         "cross-encoder", description="Runner kind of stage 2 (runners/registry.py)."
     )
+    cascades: Path | None = Field(
+        None,
+        description="TOML file of named cascades ([cascades.NAME] tables, docs/cascades.md); a "
+        "request's `model` picks one. Unset: one cascade, `default`, from the stage settings.",
+    )
     model_cache_dir: Path = Field(
         Path("./hf_cache"), description="Where downloaded models are kept (Docker: /app/hf_cache)."
     )
@@ -217,6 +222,11 @@ class Settings(BaseSettings):
         if value.startswith("cuda:") and value[5:].isdigit():
             return value
         raise ValueError("device must be auto, cpu, cuda or cuda:N")
+
+    @field_validator("cascades", mode="before")
+    @classmethod
+    def _empty_cascades_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("cache_url")
     @classmethod
