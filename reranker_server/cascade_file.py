@@ -172,9 +172,8 @@ def _check_names(cascades: list[Cascade], where: str) -> None:
     for cascade in cascades:
         for alias in cascade.aliases:
             if alias in owner:
-                taken = f"is cascade {owner[alias]!r}'s name or alias"
                 raise ModelLoadError(
-                    f"{where}: [cascades.{cascade.name}] aliases: {alias!r} {taken}; fix: every "
-                    "name and alias must be unique"
+                    f"{where}: [cascades.{cascade.name}] aliases: {alias!r} already names "
+                    f"cascade {owner[alias]!r}; fix: every name and alias must be unique"
                 )
             owner[alias] = cascade.name

@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(serve)
 
     download = commands.add_parser(
-        "download", help="fetch both models into the cache", allow_abbrev=False
+        "download",
+        help="fetch the models (every cascade's) into the cache",
+        allow_abbrev=False,
     )
     _add_setting_flags(download)
 
@@ -123,13 +125,25 @@ def _serve(settings: Settings) -> int:
 
 
 def _download(settings: Settings) -> int:
+    """Fetch every cascade's models (`RERANKER_CASCADES`, else the stage settings') into the
+    cache. Kinds other than flashrank and cross-encoder fetch theirs when the server starts."""
+    from .cascade_file import read_cascades
     from .model_store import stage1_files, stage2_path
 
+    fetchers = {
+        "flashrank": lambda model: stage1_files(settings, model).directory,
+        "cross-encoder": lambda model: stage2_path(settings, model),
+    }
     try:
-        files = stage1_files(settings)
-        print(f"stage 1: {settings.stage1_model} -> {files.directory}")
-        path = stage2_path(settings)
-        print(f"stage 2: {settings.stage2_model} -> {path}")
+        for cascade in read_cascades(settings):
+            prefix = f"cascade {cascade.name} " if settings.cascades is not None else ""
+            stages = [("stage 1", cascade.stage1_kind, cascade.stage1)]
+            if cascade.stage2 is not None:
+                stages.append(("stage 2", cascade.stage2_kind, cascade.stage2))
+            for stage, kind, model in stages:
+                fetch = fetchers.get(kind)
+                where = fetch(model) if fetch else f"(kind {kind}: fetched at startup)"
+                print(f"{prefix}{stage}: {model} -> {where}")
     except ModelLoadError as exc:
         print(f"reranker-server: {exc}", file=sys.stderr)
         return 1

@@ -13,7 +13,7 @@ import asyncio
 import re
 import tomllib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -215,8 +215,8 @@ def test_each_cascade_keeps_its_own_candidates(
     kinds: None, tiny_models: TestModelPaths, tmp_path: Path
 ) -> None:
     settings = cascade_settings(tiny_models, tmp_path, candidates=2)
-    text = settings.cascades.read_text().replace("candidates = 5\n", "", 1)  # type: ignore[union-attr]
-    settings.cascades.write_text(text)  # type: ignore[union-attr]
+    path = tmp_path / "cascades.toml"  # `longest` without candidates: RERANKER_CANDIDATES
+    path.write_text(path.read_text().replace("candidates = 5\n", "", 1))
     with running(create_app(settings)) as url:
         for model, scored in (("longest", 2), ("shortest", 5)):  # the setting; the cascade's
             body = {"model": model, "query": QUERY, "documents": DOCS, "top_k": 1}
@@ -230,9 +230,9 @@ def test_with_accepted_models_an_unknown_name_is_a_404_in_every_dialect(
     kinds: None, tiny_models: TestModelPaths, tmp_path: Path
 ) -> None:
     settings = cascade_settings(tiny_models, tmp_path, accepted_models="legacy-name")
-    item = {"query": QUERY, "documents": DOCS}
+    item: dict[str, Any] = {"query": QUERY, "documents": DOCS}
     with running(create_app(settings)) as url:
-        bodies = [
+        bodies: list[tuple[str, dict[str, Any]]] = [
             ("/rerank", {**item}),
             ("/rerank", {"query": QUERY, "texts": DOCS}),
             ("/rerank/batch", {"requests": [item, {**item, "model": "longest"}]}),
@@ -335,11 +335,11 @@ BAD_FILES = [
     ),
     (
         TABLE.format(name="a") + TABLE.format(name="b") + 'aliases = ["a"]\n',
-        "[cascades.b] aliases: 'a' is cascade 'a's name or alias",
+        "[cascades.b] aliases: 'a' already names cascade 'a'",
     ),
     (
         TABLE.format(name="a") + 'aliases = ["x"]\n' + TABLE.format(name="b") + 'aliases = ["x"]\n',
-        "[cascades.b] aliases: 'x' is cascade 'a's name or alias",
+        "[cascades.b] aliases: 'x' already names cascade 'a'",
     ),
     ("[cascades.a]\nstage1 = \n", "not valid TOML: "),
     ("", "no cascades; fix: add a [cascades.NAME] table"),
@@ -396,8 +396,8 @@ def test_startup_fails_with_the_line(tmp_path: Path) -> None:
     async def receive() -> dict[str, Any]:
         return {"type": "lifespan.startup"}
 
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(dict(message))
 
     asyncio.run(app._lifespan(receive, send))
     assert sent == [
@@ -448,3 +448,27 @@ def test_the_example_files_in_the_docs_are_valid() -> None:
     for block in blocks:
         cascades = parse_cascades(tomllib.loads(block), Settings(), "docs/cascades.md")
         assert sum(c.default for c in cascades) == 1
+
+
+def test_download_fetches_every_cascade_s_models(
+    tiny_models: TestModelPaths, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from reranker_server.cli import main
+
+    path = tmp_path / "cascades.toml"
+    path.write_text(
+        f'[cascades.a]\nstage1 = "{tiny_models.stage1}"\nstage2 = "{tiny_models.stage2}"\n'
+        f'[cascades.b]\nstage1 = "{tiny_models.stage1}"\nstage2 = "x"\nstage2_kind = "by-length"\n'
+    )
+    argv = ["download", "--cascades", str(path), "--model-cache-dir", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        f"cascade a stage 1: {tiny_models.stage1} -> {tiny_models.stage1}",
+        f"cascade a stage 2: {tiny_models.stage2} -> {tiny_models.stage2}",
+        f"cascade b stage 1: {tiny_models.stage1} -> {tiny_models.stage1}",
+        "cascade b stage 2: x -> (kind by-length: fetched at startup)",
+    ]
+    path.write_text("[cascades.a]\n")
+    assert main(argv) == 1
+    assert "[cascades.a] stage1: Field required" in capsys.readouterr().err
