@@ -6,7 +6,8 @@
 - Cache opt-out per request: `Cache-Control: no-cache` / `no-store` or `X-Reranker-Cache: off`.
 - One log record per request on the `reranker_server.access` logger (health and metrics routes at
   DEBUG, the rest at INFO) with the route, status, documents, tokens, top_k, cascade, backend,
-  stage timings, cache hits and the client address. Query and document text only with `log_payloads`.
+  stage timings, cache hits and the client address. Query and document text only with
+  `log_payloads`.
 
 It works for every dialect without their help: the route's outcome arrives through the request's
 `RequestTrace` (engine/trace.py).
