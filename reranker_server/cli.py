@@ -104,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     download = commands.add_parser(
         "download",
-        help="fetch both models into the model cache, then exit",
-        description="Fetch both models into the model cache (for a later offline start) and "
-        "print where they went.",
+        help="fetch the models (every cascade's) into the model cache, then exit",
+        description="Fetch the models of every cascade into the model cache (for a later "
+        "offline start) and print where they went.",
         allow_abbrev=False,
     )
     _add_setting_flags(download, DOWNLOAD_SETTINGS)
@@ -197,13 +197,28 @@ def _serve(settings: Settings) -> int:
 
 
 def _download(settings: Settings) -> int:
+    """Fetch every cascade's models (`RERANKER_CASCADES`, else the stage settings') into the
+    cache. Other kinds fetch theirs when the server starts."""
+    from .cascade_file import read_cascades
     from .model_store import stage1_files, stage2_path
 
+    fetchers = {
+        "flashrank": lambda model: stage1_files(settings, model).directory,
+        "cross-encoder": lambda model: stage2_path(settings, model=model),
+        "onnx-cross-encoder": lambda model: stage2_path(
+            settings, model=model, kind="onnx-cross-encoder"
+        ),
+    }
     try:
-        files = stage1_files(settings)
-        print(f"stage 1: {settings.stage1_model} -> {files.directory}")
-        path = stage2_path(settings)
-        print(f"stage 2: {settings.stage2_model} -> {path}")
+        for cascade in read_cascades(settings):
+            prefix = f"cascade {cascade.name} " if settings.cascades is not None else ""
+            stages = [("stage 1", cascade.stage1_kind, cascade.stage1)]
+            if cascade.stage2 is not None:
+                stages.append(("stage 2", cascade.stage2_kind, cascade.stage2))
+            for stage, kind, model in stages:
+                fetch = fetchers.get(kind)
+                where = fetch(model) if fetch else f"(kind {kind}: fetched at startup)"
+                print(f"{prefix}{stage}: {model} -> {where}")
     except ModelLoadError as exc:
         print(f"reranker-server: {exc}", file=sys.stderr)
         return 1

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .devices import GpuGate
     from .engine.cache import ScoreCache
     from .engine.engine import EngineStatus
+    from .engine.scheduler import Scheduler
     from .service import ServiceStatus
 
 # 0.5 ms .. 60 s: a cache hit is sub-millisecond, 1,000 long passages on a CPU take seconds.
@@ -92,6 +93,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.cascades = Counter(
+            "reranker_cascade_requests_total",
+            "Rerank requests answered, by the cascade the request's `model` picked (a batch "
+            "counts once per cascade it used).",
+            ["cascade"],
+            registry=r,
+        )
         self.cache_hits = Counter(
             "reranker_cache_hits_total", "Pair scores found in the cache.", ["stage"], registry=r
         )
@@ -109,6 +117,8 @@ class Metrics:
         self.request_seconds.labels(route, dialect).observe(seconds)
         if trace.queue_wait_s is not None:
             self.stage_seconds.labels("queue_wait", "none").observe(trace.queue_wait_s)
+        for cascade in dict.fromkeys(o.cascade for o in trace.outcomes if o.cascade):
+            self.cascades.labels(cascade).inc()
         for outcome in trace.outcomes:
             self.documents.observe(outcome.documents)
             self.tokens.observe(outcome.tokens)
@@ -155,10 +165,10 @@ class StateCollector(Collector):
         engine = status.engine
         if engine is None:
             return
-        yield from _scheduler_metrics(engine)
+        yield from _scheduler_metrics(status.schedulers or engine.schedulers)
         yield from _cache_metrics(engine.cache)
         yield from _gpu_metrics(engine.gate)
-        yield from _breaker_metrics(engine)
+        yield from _breaker_metrics(engine, [c.engine for c in status.cascades] or [engine])
 
 
 def _cache_metrics(cache: ScoreCache | None) -> Iterable[Metric]:
@@ -213,16 +223,17 @@ def _gpu_metrics(gate: GpuGate) -> Iterable[Metric]:
     yield free_family
 
 
-def _breaker_metrics(engine: EngineStatus) -> Iterable[Metric]:
-    """The OOM ladder's rungs and the breaker's probes and state (only with a GPU model)."""
-    runner = engine.stage2_gpu
-    if runner is None:
+def _breaker_metrics(engine: EngineStatus, cascades: list[EngineStatus]) -> Iterable[Metric]:
+    """The OOM ladder's rungs (every cascade's GPU models) and the breaker's probes and state
+    (only with a GPU model)."""
+    runners = {id(c.stage2_gpu): c.stage2_gpu for c in cascades if c.stage2_gpu is not None}
+    if not runners:
         return
     rungs = CounterMetricFamily(
         "reranker_gpu_oom_retries",
         "Stage-2 batches retried with half the pairs after a CUDA out-of-memory.",
     )
-    rungs.add_metric([], runner.stats().get("oom_retries", 0.0))
+    rungs.add_metric([], sum(r.stats().get("oom_retries", 0.0) for r in runners.values()))
     yield rungs
     probes = CounterMetricFamily(
         "reranker_gpu_probes",
@@ -240,7 +251,7 @@ def _breaker_metrics(engine: EngineStatus) -> Iterable[Metric]:
     yield cooling
 
 
-def _scheduler_metrics(engine: EngineStatus) -> Iterable[Metric]:
+def _scheduler_metrics(schedulers: dict[str, Scheduler]) -> Iterable[Metric]:
     """Pairs waiting for a compute thread, and threads computing, per scheduler."""
     queued = GaugeMetricFamily(
         "reranker_queued_pairs", "Pairs waiting for a compute thread.", labels=["scheduler"]
@@ -250,7 +261,7 @@ def _scheduler_metrics(engine: EngineStatus) -> Iterable[Metric]:
         "Compute threads running a batch now.",
         labels=["scheduler"],
     )
-    for name, scheduler in engine.schedulers.items():
+    for name, scheduler in schedulers.items():
         queued.add_metric([name], scheduler.queued)
         busy.add_metric([name], scheduler.busy)
     yield queued

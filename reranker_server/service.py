@@ -2,8 +2,9 @@
 
 It owns the models' lifetime (loaded by `start`, released by `close`), admission and the worker
 pool, the request limits, and cancellation; it answers `RerankJob`s with `RerankOutcome`s and
-reports `status()` (models served, devices, GPU gate, schedulers, cache). Nothing outside it
-touches the engine or the devices.
+reports `status()` (models served, devices, GPU gate, schedulers, cache). It holds one engine per
+named cascade (cascade_file.py) and runs each job on the cascade its `model` picks. Nothing
+outside it touches the engines or the devices.
 
     service = RerankService(Settings())
     await service.start()
@@ -17,12 +18,14 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .devices import cuda_runtime_available
+from .engine.cascades import Cascades, ServedCascade
 from .engine.engine import Engine, EngineStatus
 from .engine.pool import InferencePool
+from .engine.scheduler import Scheduler
 from .engine.trace import current_trace
 from .errors import InvalidRequestError, ModelNotFoundError, NotReadyError
 from .settings import Settings
@@ -30,9 +33,20 @@ from .types import Cancellation, RerankJob, RerankOutcome, job_part_names
 
 logger = logging.getLogger(__name__)
 
-EngineFactory = Callable[[Settings], Engine]
+# Builds the engines from the settings: several cascades, or one engine (the `default` cascade).
+EngineFactory = Callable[[Settings], Cascades | Engine]
 
 READY_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class CascadeStatus:
+    """One cascade: the names that pick it and what its engine serves."""
+
+    name: str
+    aliases: tuple[str, ...]
+    default: bool
+    engine: EngineStatus
 
 
 @dataclass(frozen=True)
@@ -45,21 +59,23 @@ class ServiceStatus:
     in_flight: int  # requests admitted, running or queued
     running: int  # requests in a worker thread now
     queued: int  # requests admitted and waiting for a worker
-    engine: EngineStatus | None  # None until the models are loaded
+    engine: EngineStatus | None  # the default cascade's; None until the models are loaded
+    cascades: tuple[CascadeStatus, ...] = ()  # every cascade, the default first
+    schedulers: dict[str, Scheduler] = field(default_factory=dict)  # each once, all cascades
 
 
 class RerankService:
-    """See the module docstring. `engine_factory` builds the engine from the settings (default:
-    the models the settings name, engine/loader.py; tests hand in engines with fake runners)."""
+    """See the module docstring. `engine_factory` builds the engines from the settings (default:
+    the cascades the settings name, engine/loader.py; tests hand in engines with fake runners)."""
 
     def __init__(self, settings: Settings, engine_factory: EngineFactory | None = None) -> None:
         if engine_factory is None:
-            from .engine.loader import load_engine
+            from .engine.loader import load_cascades
 
-            engine_factory = load_engine
+            engine_factory = load_cascades
         self.settings = settings
         self._engine_factory = engine_factory
-        self._engine: Engine | None = None
+        self._cascades: Cascades | None = None
         self.pool = InferencePool(settings.runs(), settings.max_queue, settings.request_timeout_s)
         self._cuda_available = False
         self._load_seconds: float | None = None
@@ -70,42 +86,55 @@ class RerankService:
         """Load and warm up the models (in a thread: the event loop stays free)."""
         self._cuda_available = await asyncio.to_thread(cuda_runtime_available)
         started = time.perf_counter()
-        self._engine = await asyncio.to_thread(self._engine_factory, self.settings)
+        built = await asyncio.to_thread(self._engine_factory, self.settings)
+        self._cascades = Cascades.single(built) if isinstance(built, Engine) else built
         self._load_seconds = time.perf_counter() - started
 
     async def close(self) -> None:
         """Let running work finish, then release the models."""
         await asyncio.to_thread(self.pool.shutdown)
-        engine, self._engine = self._engine, None
-        if engine is not None:
-            await asyncio.to_thread(engine.close)
+        cascades, self._cascades = self._cascades, None
+        if cascades is not None:
+            await asyncio.to_thread(cascades.close)
 
     @property
-    def engine(self) -> Engine:
-        if self._engine is None:
+    def cascades(self) -> Cascades:
+        if self._cascades is None:
             raise NotReadyError("models are not loaded yet; retry shortly")
-        return self._engine
+        return self._cascades
 
     # --- answering
 
     async def rerank(self, job: RerankJob) -> RerankOutcome:
-        """Check the job against the limits, then run the cascade in a worker thread."""
-        engine = self.engine
+        """Check the job against the limits, then run its cascade in a worker thread."""
+        cascade = self.cascade_for(job.model)
         self.check(job)
         (job,) = self._admit([job])
-        outcomes = await self._run(lambda: [engine.rerank(job)], [job])
+        outcomes = await self._run(lambda: [_answer(cascade, job)], [job])
         return outcomes[0]
 
     async def rerank_batch(self, jobs: Sequence[RerankJob]) -> list[RerankOutcome]:
-        """Several jobs as one unit of work (one queue slot), answered in order."""
-        engine = self.engine
+        """Several jobs as one unit of work (one queue slot), answered in order; each job runs on
+        the cascade its `model` picks."""
+        cascades = []
         for position, job in enumerate(jobs):
             try:
+                cascades.append(self.cascade_for(job.model))
                 self.check(job)
             except InvalidRequestError as exc:
                 raise exc.renamed(job_part_names(position)) from exc
         admitted = self._admit(jobs)
-        return await self._run(lambda: engine.rerank_many(admitted), admitted)
+
+        def work() -> list[RerankOutcome]:
+            outcomes = []
+            for position, (cascade, job) in enumerate(zip(cascades, admitted, strict=True)):
+                try:
+                    outcomes.append(_answer(cascade, job))
+                except InvalidRequestError as exc:
+                    raise exc.renamed(job_part_names(position)) from exc
+            return outcomes
+
+        return await self._run(work, admitted)
 
     def _admit(self, jobs: Sequence[RerankJob]) -> list[RerankJob]:
         """The jobs with the request's deadline and a cancellation handle."""
@@ -166,67 +195,95 @@ class RerankService:
                 field="candidates",
             )
 
+    def cascade_for(self, model: str | None) -> ServedCascade:
+        """The cascade a request's `model` picks: by cascade name, alias or model name, else the
+        default one; when the settings restrict the names (`accepted_models`), an unknown name
+        is refused (ModelNotFoundError, 404)."""
+        cascades = self.cascades
+        found = cascades.find(model)
+        if found is not None:
+            return found
+        accepted = self.settings.accepted_model_names()
+        known = accepted | {self.settings.stage1_model, self.settings.stage2_model}
+        if model is None or not accepted or model in known:
+            return cascades.default
+        raise ModelNotFoundError(
+            f"model {model!r} is not served here; ask for one of: "
+            f"{', '.join(sorted(accepted | cascades.cascade_names()))} (accepted_models and "
+            "the cascades)",
+            field="model",
+        )
+
     def check_model(self, name: str | None) -> None:
         """Refuse a model name only when the settings restrict the names (`accepted_models`)."""
-        accepted = self.settings.accepted_model_names()
-        if name is None or not accepted:
-            return
-        served = accepted | {self.settings.stage1_model, self.settings.stage2_model}
-        served |= self.engine.status().model_names()
-        if name not in served:
-            raise ModelNotFoundError(
-                f"model {name!r} is not served here; ask for one of: "
-                f"{', '.join(sorted(accepted))} (accepted_models)",
-                field="model",
-            )
+        self.cascade_for(name)
 
     def served_model(self, outcome: RerankOutcome) -> str:
         """The model that produced the final order."""
-        return outcome.stages[-1].name if outcome.stages else self.final_model()
+        return outcome.stages[-1].name if outcome.stages else self.final_model(outcome.cascade)
 
-    def final_model(self) -> str:
-        """The model that orders answers when it can run: stage 2, else stage 1."""
-        status = self.engine.status()
+    def final_model(self, model: str | None = None) -> str:
+        """The model that orders the answers of the cascade `model` picks when it can run:
+        stage 2, else stage 1."""
+        status = self.cascades.pick(model).engine.status()
         return (status.stage2 or status.stage1).name
 
-    def final_precision(self) -> str:
-        status = self.engine.status()
+    def final_precision(self, model: str | None = None) -> str:
+        status = self.cascades.pick(model).engine.status()
         return (status.stage2 or status.stage1).precision
 
     def model_names(self) -> list[str]:
-        """Names requests may send as `model`: the models served, and the accepted aliases."""
-        names = self.engine.status().model_names() | self.settings.accepted_model_names()
-        return sorted(names)
+        """Names requests may send as `model`: cascade names and aliases, the models served,
+        and the accepted names."""
+        return sorted(self.cascades.names() | self.settings.accepted_model_names())
 
     # --- reporting
 
     def status(self) -> ServiceStatus:
         """Cheap: reads counters, runs no model, touches no device."""
+        cascades = self._cascades
+        per_cascade = (
+            tuple(
+                CascadeStatus(c.name, c.aliases, c is cascades.default, c.engine.status())
+                for c in cascades
+            )
+            if cascades is not None
+            else ()
+        )
         return ServiceStatus(
-            loaded=self._engine is not None,
+            loaded=cascades is not None,
             cuda_available=self._cuda_available,
             model_load_seconds=self._load_seconds,
             in_flight=self.pool.pending,
             running=self.pool.running,
             queued=self.pool.queued,
-            engine=self._engine.status() if self._engine is not None else None,
+            engine=per_cascade[0].engine if per_cascade else None,
+            cascades=per_cascade,
+            schedulers=cascades.schedulers() if cascades is not None else {},
         )
 
     async def gpu_state(self) -> dict[str, Any]:
         """The GPU gate's state (device memory is read off the event loop: a wedged CUDA
         context must not freeze the server)."""
-        engine = self._engine
-        if engine is None:
+        if self._cascades is None:
             return {}
-        return await asyncio.to_thread(engine.gate.state)
+        return await asyncio.to_thread(self._cascades.default.engine.gate.state)
 
     async def check_ready(self) -> None:
-        """One pair through stage 1, not through the request queue (a busy server is still
-        ready). Raises NotReadyError."""
-        engine = self.engine
+        """One pair through each stage-1 model, not through the request queue (a busy server is
+        still ready). Raises NotReadyError."""
+        stage1 = {id(c.engine.stage1): c.engine.stage1 for c in self.cascades}
         try:
             await asyncio.wait_for(
-                asyncio.to_thread(engine.stage1.score, "ready", ["ready"]), READY_TIMEOUT_S
+                asyncio.to_thread(
+                    lambda: [runner.score("ready", ["ready"]) for runner in stage1.values()]
+                ),
+                READY_TIMEOUT_S,
             )
         except TimeoutError as exc:
             raise NotReadyError(f"stage 1 did not answer within {READY_TIMEOUT_S:g} s") from exc
+
+
+def _answer(cascade: ServedCascade, job: RerankJob) -> RerankOutcome:
+    """The job run on the cascade's engine; the outcome names the cascade."""
+    return dataclasses.replace(cascade.engine.rerank(job), cascade=cascade.name)

@@ -48,6 +48,11 @@ class Settings(BaseSettings):
         "(Qwen3-Reranker: the <Instruct> line; empty: the model's default); a model without a "
         "chat template gets it prepended to the query. Empty: none.",
     )
+    cascades: Path | None = Field(
+        None,
+        description="TOML file of named cascades ([cascades.NAME] tables, docs/cascades.md); a "
+        "request's `model` picks one. Unset: one cascade, `default`, from the stage settings.",
+    )
     model_cache_dir: Path = Field(
         Path("./hf_cache"), description="Where downloaded models are kept (Docker: /app/hf_cache)."
     )
@@ -224,6 +229,11 @@ class Settings(BaseSettings):
         if value.startswith("cuda:") and value[5:].isdigit():
             return value
         raise ValueError("must be auto, cpu, cuda or cuda:N")
+
+    @field_validator("cascades", mode="before")
+    @classmethod
+    def _empty_cascades_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("cache_url")
     @classmethod

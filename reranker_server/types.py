@@ -59,6 +59,7 @@ class RerankOutcome:
     tokens: int = 0  # tokens the stage-1 model processed (cache hits cost none)
     windows: int = 0  # (query, window) pairs stage 1 ranked: documents, or more when chunked
     pair_tokens: int = 0  # tokens of those pairs, cache hits included (the request's usage)
+    cascade: str = ""  # the cascade that answered (set by the service)
 
     @property
     def cache_hits(self) -> int:
@@ -130,7 +131,9 @@ class RerankJob:
     (None: the engine's default). `use_cache`: read and write the score cache. `deadline`:
     `time.monotonic()` by which the work must be done (None: none); `cancel`: set when nobody waits
     for the answer any more. `order`: the job's place in line; the scheduler runs older jobs'
-    pairs first, so no request overtakes one admitted before it.
+    pairs first, so no request overtakes one admitted before it. `model`: the name the request
+    asked for; the service picks the cascade by it (None, or a name no cascade has: the default
+    cascade).
     """
 
     query: str
@@ -142,6 +145,7 @@ class RerankJob:
     deadline: float | None = None
     cancel: Cancellation | None = None
     order: int = field(default_factory=next_arrival)
+    model: str | None = None
 
 
 def job_part_names(position: int) -> dict[str, str]:

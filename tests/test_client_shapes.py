@@ -48,7 +48,8 @@ def test_info_in_tei_shape_says_reranker(server: str) -> None:
 def test_v1_models_lists_the_names_in_openai_shape(server: str) -> None:
     listing = httpx.get(f"{server}/v1/models").json()
     assert listing["object"] == "list"
-    assert {m["id"] for m in listing["data"]} == {"keyword", "rerank-v3.5"}
+    # the cascade (`default` without a cascades file), its model, the accepted names
+    assert {m["id"] for m in listing["data"]} == {"default", "keyword", "rerank-v3.5"}
     assert all(m["object"] == "model" for m in listing["data"])
 
 

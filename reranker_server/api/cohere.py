@@ -93,7 +93,9 @@ def to_job(body: CohereRerankRequest, settings: Settings) -> RerankJob:
         max_tokens=body.max_tokens_per_doc,
         documents=len(texts),
     )
-    return RerankJob(body.query, texts, result_count(body.top_n, len(texts)), policy=policy)
+    return RerankJob(
+        body.query, texts, result_count(body.top_n, len(texts)), policy=policy, model=body.model
+    )
 
 
 def from_outcome(

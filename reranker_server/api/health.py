@@ -14,7 +14,8 @@ router = APIRouter(tags=["health"])
 
 @router.get("/health", response_model=HealthResponse)
 async def health(service: ServiceDep) -> dict[str, Any]:
-    """Cheap: reads state, runs no model. Answers while inference runs."""
+    """Cheap: reads state, runs no model. Answers while inference runs. The top-level models are
+    the default cascade's; `cascades` has each cascade's."""
     status = service.status()
     engine = status.engine
     info: dict[str, Any] = {
@@ -29,6 +30,16 @@ async def health(service: ServiceDep) -> dict[str, Any]:
         info["stage2_device"] = stage2.device if stage2 else None
         info.update(await service.gpu_state())
         info["in_flight"] = status.in_flight
+        info["cascades"] = {
+            cascade.name: {
+                "stage1_model": cascade.engine.stage1.name,
+                "stage2_model": cascade.engine.stage2.name if cascade.engine.stage2 else None,
+                "stage2_device": cascade.engine.stage2.device if cascade.engine.stage2 else None,
+                "aliases": list(cascade.aliases),
+                "default": cascade.default,
+            }
+            for cascade in status.cascades
+        }
     return info
 
 

@@ -8,6 +8,7 @@ with a 422 that names it (`requests[2].top_k`).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -50,6 +51,7 @@ def to_job(body: RerankRequest, settings: Settings) -> RerankJob:
         min(top_k, len(texts)),
         candidates=body.candidates,
         policy=policy,
+        model=body.model,
     )
 
 
@@ -134,8 +136,8 @@ def batch_to_jobs(body: BatchRerankRequest, settings: Settings) -> list[RerankJo
         )
     jobs = []
     for i, item in enumerate(body.requests):
-        try:
-            jobs.append(to_job(item, settings))
+        try:  # an item's own model, else the batch's
+            jobs.append(dataclasses.replace(to_job(item, settings), model=item.model or body.model))
         except InvalidRequestError as exc:
             raise exc.renamed(
                 {name: f"requests[{i}].{name}" for name in RerankRequest.model_fields}

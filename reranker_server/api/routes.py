@@ -139,7 +139,7 @@ async def score(
     service.check_model(body.model)
     jobs = vllm.to_jobs(body)
     outcomes = await answer(request, service, vllm.NAME, jobs, {"documents": "text_2"})
-    model = service.served_model(outcomes[0]) if outcomes else service.final_model()
+    model = service.served_model(outcomes[0]) if outcomes else service.final_model(body.model)
     return vllm.from_outcomes(outcomes, model)
 
 

@@ -62,7 +62,11 @@ def to_job(body: TeiRerankRequest, settings: Settings) -> RerankJob:
     )
     policy = long_doc_policy(settings, mode=mode, direction=body.truncation_direction)
     return RerankJob(
-        body.query, body.texts, result_count(body.top_n, len(body.texts)), policy=policy
+        body.query,
+        body.texts,
+        result_count(body.top_n, len(body.texts)),
+        policy=policy,
+        model=body.model,
     )
 
 

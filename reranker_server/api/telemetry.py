@@ -5,8 +5,9 @@
   in ms) on every response.
 - Cache opt-out per request: `Cache-Control: no-cache` / `no-store` or `X-Reranker-Cache: off`.
 - One log record per request on the `reranker_server.access` logger (health and metrics routes at
-  DEBUG, the rest at INFO) with the route, status, documents, tokens, top_k, backend, stage
-  timings, cache hits and the client address. Query and document text only with `log_payloads`.
+  DEBUG, the rest at INFO) with the route, status, documents, tokens, top_k, cascade, backend,
+  stage timings, cache hits and the client address. Query and document text only with
+  `log_payloads`.
 
 It works for every dialect without their help: the route's outcome arrives through the request's
 `RequestTrace` (engine/trace.py).
@@ -178,6 +179,7 @@ class RequestTelemetry:
                 documents=sum(o.documents for o in outcomes),
                 tokens=sum(o.tokens for o in outcomes),
                 top_k=trace.top_k,
+                cascade=outcomes[-1].cascade or None,
                 backend=outcomes[-1].backend,
                 fallback=outcomes[-1].fallback,
                 stages_ms={s.stage: round(s.seconds * 1000, 3) for o in outcomes for s in o.stages},

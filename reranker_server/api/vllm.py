@@ -67,14 +67,17 @@ def to_jobs(body: ScoreRequest) -> list[RerankJob]:
     queries = [body.text_1] if isinstance(body.text_1, str) else body.text_1
     texts = [body.text_2] if isinstance(body.text_2, str) else body.text_2
     if len(queries) == 1:
-        return [RerankJob(queries[0], texts, len(texts))]
+        return [RerankJob(queries[0], texts, len(texts), model=body.model)]
     if len(queries) != len(texts):
         raise InvalidRequestError(
             f"text_1 has {len(queries)} items and text_2 {len(texts)}; send one text_1, or "
             "one per text_2",
             field="text_1",
         )
-    return [RerankJob(query, [text], 1) for query, text in zip(queries, texts, strict=True)]
+    return [
+        RerankJob(query, [text], 1, model=body.model)
+        for query, text in zip(queries, texts, strict=True)
+    ]
 
 
 def from_outcomes(outcomes: list[RerankOutcome], model: str) -> ScoreResponse:

@@ -1,5 +1,6 @@
-"""Build an Engine from Settings: load each stage's runner by kind (runners/registry.py), build
-the lanes, schedulers and score cache, warm up."""
+"""Build the engines from Settings: one per cascade (cascade_file.py), each stage's runner loaded
+by kind (runners/registry.py) once per (kind, model, device) however many cascades use it; one
+CPU scheduler, GPU gate and score cache shared by all; warm up."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..cascade_file import Cascade, from_settings, read_cascades
 from ..devices import Accelerator, GpuGate, detect_accelerator
 from ..errors import ModelLoadError
 from ..runners.base import Runner, TokenizingRunner
@@ -16,6 +18,7 @@ from ..runners.registry import load_runner
 from ..settings import Settings
 from ..types import LongDocPolicy
 from .cache import MemoryScoreCache, RedisScoreCache, ScoreCache, namespace
+from .cascades import Cascades, ServedCascade
 from .engine import Engine
 from .scheduler import Lane, RunnerCopies, Scheduler
 from .windows import Windower
@@ -26,76 +29,176 @@ WARMUP_QUERY = "warm up"
 WARMUP_DOCUMENT = "the first request should not pay for lazy initialisation"
 
 
+def load_cascades(
+    settings: Settings, detect: Callable[[str, float], Accelerator | None] = detect_accelerator
+) -> Cascades:
+    """Every cascade the settings name (the `RERANKER_CASCADES` file, else one `default` from
+    the stage settings), each model loaded once. Raises ModelLoadError with a one-line message.
+
+    `detect(device, memory_limit_mb)` picks the GPU (tests hand in a fake device here)."""
+    started = time.perf_counter()
+    cascades = read_cascades(settings)
+    models = SharedModels(settings, detect)
+    served = []
+    try:
+        for cascade in cascades:
+            engine = models.engine(cascade)
+            served.append(ServedCascade(cascade.name, engine, cascade.aliases, cascade.default))
+    except BaseException:
+        models.close()
+        raise
+    logger.info(
+        "models ready in %.1f s (%d cascade(s), %d model(s) loaded)",
+        time.perf_counter() - started,
+        len(served),
+        models.loaded,
+    )
+    return Cascades(served)
+
+
 def load_engine(
     settings: Settings, detect: Callable[[str, float], Accelerator | None] = detect_accelerator
 ) -> Engine:
-    """Load both stages as the settings say. Raises ModelLoadError with a one-line message.
-
-    `detect(device, memory_limit_mb)` picks the GPU (tests hand in a fake device here). Each
-    stage's runner comes from the runner registry by kind (`stage1_kind`, `stage2_kind`).
-    """
+    """The engine of the stage settings (`RERANKER_STAGE1_MODEL` ...: the cascade `default` of
+    a server without a cascades file). Raises ModelLoadError with a one-line message."""
     started = time.perf_counter()
-    stage1 = load_runner(settings.stage1_kind, settings.stage1_model, settings)
-    if not isinstance(stage1, TokenizingRunner):
-        raise ModelLoadError(
-            f"runner kind {settings.stage1_kind!r} can't be stage 1: it has no tokenizer for "
-            "long documents (encode_texts); fix: set RERANKER_STAGE1_KIND=flashrank"
-        )
-
-    accelerator = detect(settings.device, settings.gpu_memory_limit_mb)
-    gate = GpuGate(accelerator, settings.min_free_vram_mb, settings.gpu_cooldown_s)
-    stage2_gpu: Runner | None = None
-    stage2_cpu: Runner | None = None
-    kind, model = settings.stage2_kind, settings.stage2_model
-    if accelerator is not None:
-        stage2_gpu = load_runner(kind, model, settings, accelerator)
-    if settings.stage2_on_cpu:  # a copy per CPU run: a tokenizer may not be thread-safe
-        stage2_cpu = RunnerCopies(
-            [load_runner(kind, model, settings) for _ in range(settings.runs())]
-        )
-    if stage2_gpu is None and stage2_cpu is None:
-        logger.info("no usable GPU and stage2_on_cpu is off: answers come from stage 1")
-    cache = build_cache(settings)
-    roles = {"stage1": stage1, "stage2_gpu": stage2_gpu, "stage2_cpu": stage2_cpu}
-    served = {role: runner for role, runner in roles.items() if runner is not None}
-    engine = Engine(
-        stage1,
-        gate=gate,
-        stage2_gpu=stage2_gpu,
-        stage2_cpu=stage2_cpu,
-        candidates=settings.candidates,
-        cache=cache,
-        cache_namespaces=cache_namespaces(served, settings) if cache is not None else None,
-        windows=Windower(
-            stage1,
-            max_query_tokens=settings.max_query_tokens,
-            overlap_tokens=settings.chunk_overlap_tokens,
-        ),
-        long_documents=default_policy(settings),
-        scheduler=Scheduler(settings.runs(), name="cpu-run"),
-        gpu_scheduler=Scheduler(1, name="gpu-run") if stage2_gpu is not None else None,
-        lanes=lanes(served, settings),
-    )
-    if settings.warmup:
-        warm_up(engine)
-    logger.info(
-        "models ready in %.1f s (stage 1: %s; stage 2: %s)",
-        time.perf_counter() - started,
-        stage1.name,
-        stage2_gpu.device if stage2_gpu else ("cpu" if stage2_cpu else "off"),
-    )
+    engine = SharedModels(settings, detect).engine(from_settings(settings))
+    logger.info("models ready in %.1f s", time.perf_counter() - started)
     return engine
 
 
-def lanes(runners: dict[str, Runner], settings: Settings) -> dict[str, Lane]:
+class SharedModels:
+    """What the cascades of one process share: the GPU (detected once; one gate, one GPU
+    scheduler), one CPU scheduler (its threads own the cores; each cascade's stages are lanes on
+    it), the score cache, and the runners, each loaded once per (kind, model, device)."""
+
+    def __init__(
+        self, settings: Settings, detect: Callable[[str, float], Accelerator | None]
+    ) -> None:
+        self.settings = settings
+        self.accelerator = detect(settings.device, settings.gpu_memory_limit_mb)
+        self.gate = GpuGate(self.accelerator, settings.min_free_vram_mb, settings.gpu_cooldown_s)
+        self.cache = build_cache(settings)
+        self._runners: dict[tuple[str, str, str], Runner] = {}
+        self._warm: set[int] = set()  # ids of runners warmed up
+        self._cpu: Scheduler | None = None
+        self._gpu: Scheduler | None = None
+
+    @property
+    def loaded(self) -> int:
+        """Runners loaded (a CPU stage 2's copies count once)."""
+        return len(self._runners)
+
+    def runner(self, kind: str, model: str, where: str) -> Runner:
+        """The runner of `kind` for `model` on `where` ("cpu"; "gpu"; "cpu-copies": one copy per
+        CPU run, as a tokenizer may not be thread-safe), loaded on first use."""
+        key = (kind, model, where)
+        if key not in self._runners:
+            settings = self.settings
+            if where == "gpu":
+                self._runners[key] = load_runner(kind, model, settings, self.accelerator)
+            elif where == "cpu-copies":
+                copies = [load_runner(kind, model, settings) for _ in range(settings.runs())]
+                self._runners[key] = RunnerCopies(copies)
+            else:
+                self._runners[key] = load_runner(kind, model, settings)
+        return self._runners[key]
+
+    def cpu_scheduler(self) -> Scheduler:
+        if self._cpu is None:
+            self._cpu = Scheduler(self.settings.runs(), name="cpu-run")
+        return self._cpu
+
+    def gpu_scheduler(self) -> Scheduler:
+        if self._gpu is None:
+            self._gpu = Scheduler(1, name="gpu-run")
+        return self._gpu
+
+    def engine(self, cascade: Cascade) -> Engine:
+        """The cascade's engine. A load error names the cascade when it comes from a file."""
+        try:
+            return self._engine(cascade)
+        except ModelLoadError as exc:
+            if not cascade.origin:
+                raise
+            raise ModelLoadError(f"{cascade.origin}: [cascades.{cascade.name}] {exc}") from exc
+
+    def _engine(self, cascade: Cascade) -> Engine:
+        started = time.perf_counter()
+        settings = self.settings
+        stage1 = self.runner(cascade.stage1_kind, cascade.stage1, "cpu")
+        if not isinstance(stage1, TokenizingRunner):
+            fix = (
+                'stage1_kind = "flashrank"' if cascade.origin else "RERANKER_STAGE1_KIND=flashrank"
+            )
+            raise ModelLoadError(
+                f"runner kind {cascade.stage1_kind!r} can't be stage 1: it has no tokenizer for "
+                f"long documents (encode_texts); fix: set {fix}"
+            )
+        stage2_gpu: Runner | None = None
+        stage2_cpu: Runner | None = None
+        if cascade.stage2 is not None:
+            if self.accelerator is not None:
+                stage2_gpu = self.runner(cascade.stage2_kind, cascade.stage2, "gpu")
+            if cascade.stage2_on_cpu:
+                stage2_cpu = self.runner(cascade.stage2_kind, cascade.stage2, "cpu-copies")
+            if stage2_gpu is None and stage2_cpu is None:
+                logger.info(
+                    "cascade %r: no usable GPU and stage2_on_cpu is off: answers come from stage 1",
+                    cascade.name,
+                )
+        roles = {"stage1": stage1, "stage2_gpu": stage2_gpu, "stage2_cpu": stage2_cpu}
+        served = {role: runner for role, runner in roles.items() if runner is not None}
+        engine = Engine(
+            stage1,
+            gate=self.gate,
+            stage2_gpu=stage2_gpu,
+            stage2_cpu=stage2_cpu,
+            candidates=cascade.candidates,
+            cache=self.cache,
+            cache_namespaces=cache_namespaces(served, settings) if self.cache else None,
+            windows=Windower(
+                stage1,
+                max_query_tokens=settings.max_query_tokens,
+                overlap_tokens=settings.chunk_overlap_tokens,
+            ),
+            long_documents=default_policy(settings),
+            scheduler=self.cpu_scheduler(),
+            gpu_scheduler=self.gpu_scheduler() if stage2_gpu is not None else None,
+            lanes=lanes(served, settings, cascade.candidates),
+        )
+        if settings.warmup:
+            warm_up(engine, skip=self._warm)
+            self._warm.update(id(runner) for runner in served.values())
+        logger.info(
+            "cascade %r ready in %.1f s (stage 1: %s; stage 2: %s)",
+            cascade.name,
+            time.perf_counter() - started,
+            stage1.name,
+            stage2_gpu.device if stage2_gpu else ("cpu" if stage2_cpu else "off"),
+        )
+        return engine
+
+    def close(self) -> None:
+        """Stop the scheduler threads (a load failed half-way)."""
+        for scheduler in (self._cpu, self._gpu):
+            if scheduler is not None:
+                scheduler.close()
+
+
+def lanes(runners: dict[str, Runner], settings: Settings, candidates: int) -> dict[str, Lane]:
     """Batch bounds per role: each runner's own, except stage 2 on the CPU, whose candidates
-    spread over the CPU runs (a request's stage 2 uses every core)."""
-    found = {role: Lane.of(role, runner) for role, runner in runners.items()}
+    spread over the CPU runs (a request's stage 2 uses every core). A lane is named by its
+    runner: cascades sharing a model batch its pairs together, and no batch mixes two models."""
+    found = {
+        role: Lane(f"{role}:{id(runner):x}", runner, runner.max_pairs, runner.batch_tokens)
+        for role, runner in runners.items()
+    }
     if "stage2_cpu" in runners:
         found["stage2_cpu"] = Lane(
-            "stage2_cpu",
+            found["stage2_cpu"].name,
             runners["stage2_cpu"],
-            max_pairs=max(1, -(-settings.candidates // settings.runs())),
+            max_pairs=max(1, -(-candidates // settings.runs())),
             batch_tokens=settings.stage1_batch_tokens,
         )
     return found
@@ -165,12 +268,14 @@ def fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def warm_up(engine: Engine) -> None:
+def warm_up(engine: Engine, skip: set[int] | None = None) -> None:
     """Pairs through every loaded model, so the first request pays for no lazy initialisation:
     a short and a long one through stage 1 (its memory arena grows once, here), one pair
-    through each stage 2."""
-    long_document = " ".join([WARMUP_DOCUMENT] * 40)
-    engine.stage1.score(WARMUP_QUERY, [WARMUP_DOCUMENT, long_document])
+    through each stage 2. `skip`: ids of runners already warm (shared by another cascade)."""
+    skip = skip or set()
+    if id(engine.stage1) not in skip:
+        long_document = " ".join([WARMUP_DOCUMENT] * 40)
+        engine.stage1.score(WARMUP_QUERY, [WARMUP_DOCUMENT, long_document])
     for runner in (engine.stage2_gpu, engine.stage2_cpu):
-        if runner is not None:
+        if runner is not None and id(runner) not in skip:
             runner.score(WARMUP_QUERY, [WARMUP_DOCUMENT])
