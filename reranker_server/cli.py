@@ -25,6 +25,9 @@ SECRET_SETTINGS = frozenset({"api_key"})  # no flag: it would show in `ps`
 DOWNLOAD_SETTINGS = (
     "stage1_model",
     "stage2_model",
+    "stage1_kind",
+    "stage2_kind",
+    "cascades",
     "model_cache_dir",
     "offline",
     "trust_remote_code",
@@ -34,7 +37,6 @@ DOWNLOAD_SETTINGS = (
     "log_level",
     "log_format",
 )
-# What `make-test-models` imports (all in the base install), and the pip name of each.
 # make-test-models builds the models with torch (the [torch] extra); onnx is in the base install.
 GENERATOR_MODULES = ("torch", "transformers", "sentence_transformers", "onnx")
 DEMO_DIR = Path("demo-models")
