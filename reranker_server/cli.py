@@ -79,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
         "generated small vocabulary",
     )
     make.add_argument("--seed", type=int, default=0)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="measure quality and cost per candidates depth on labelled data",
+        allow_abbrev=False,
+    )
+    _add_setting_flags(evaluate)  # the in-process server's settings
+    from .evaluation.command import add_arguments
+
+    add_arguments(evaluate)
     return parser
 
 
@@ -97,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "download":
         return _download(settings)
+    if args.command == "eval":
+        return _eval(args, settings)
     return _serve(settings)
 
 
@@ -134,6 +146,14 @@ def _download(settings: Settings) -> int:
         print(f"reranker-server: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _eval(args: argparse.Namespace, settings: Settings) -> int:
+    from .evaluation.command import run
+
+    if args.log_level is None:  # the in-process server's request lines would drown the progress
+        logging.getLogger("reranker_server").setLevel(logging.WARNING)
+    return run(args, settings)
 
 
 def _make_test_models(args: argparse.Namespace) -> int:

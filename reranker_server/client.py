@@ -4,7 +4,7 @@
 
     with RerankerClient("http://localhost:5200", api_key=None) as client:
         ranking = client.rerank("capital of France?", ["Berlin ...", "Paris ..."], top_k=1)
-        best = ranking.results[0]          # ScoredDocument(index=1, text="Paris ...", score=0.98)
+        best = ranking.results[0]          # RankedDocument(index=1, text="Paris ...", score=0.98)
 
 It imports neither fastapi nor torch (only httpx and the package's value types), so it is cheap in
 any application. Error answers raise `RerankerClientError` subclasses chosen by the server's
@@ -33,6 +33,7 @@ __all__ = [
     "ModelNotFound",
     "NotReady",
     "Overloaded",
+    "RankedDocument",
     "Ranking",
     "RerankQuery",
     "RerankerClient",
@@ -47,10 +48,19 @@ __all__ = [
 
 
 @dataclass(frozen=True)
+class RankedDocument(ScoredDocument):
+    """A result; with `return_stages=True` also its stage-1 score and its rank in stage 1's
+    order of the whole request (1 = stage 1's best), else those are None."""
+
+    stage1_score: float | None = None
+    stage1_rank: int | None = None
+
+
+@dataclass(frozen=True)
 class Ranking:
     """One query's answer: results best first, and how the server produced them."""
 
-    results: list[ScoredDocument]
+    results: list[RankedDocument]
     backend: str
     fallback: str | None
     model: str
@@ -168,7 +178,12 @@ def _error_from(response: httpx.Response) -> RerankerClientError:
 
 
 def _rerank_body(
-    query: str, documents: Sequence[str], top_k: int | None, model: str | None
+    query: str,
+    documents: Sequence[str],
+    top_k: int | None,
+    model: str | None,
+    candidates: int | None = None,
+    return_stages: bool = False,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"query": query, "documents": list(documents)}
     if top_k is None:
@@ -177,13 +192,27 @@ def _rerank_body(
         body["top_k"] = top_k
     if model is not None:
         body["model"] = model
+    if candidates is not None:
+        body["candidates"] = candidates
+    if return_stages:
+        body["return_stages"] = True
     return body
+
+
+def _optional(value: Any, kind: type[int] | type[float]) -> Any:
+    return None if value is None else kind(value)
 
 
 def _ranking(data: Mapping[str, Any]) -> Ranking:
     return Ranking(
         results=[
-            ScoredDocument(int(r["index"]), str(r["text"]), float(r["score"]))
+            RankedDocument(
+                int(r["index"]),
+                str(r["text"]),
+                float(r["score"]),
+                stage1_score=_optional(r.get("stage1_score"), float),
+                stage1_rank=_optional(r.get("stage1_rank"), int),
+            )
             for r in data["results"]
         ],
         backend=str(data["backend"]),
@@ -237,9 +266,15 @@ class RerankerClient:
         top_k: int | None = None,
         *,
         model: str | None = None,
+        candidates: int | None = None,
+        return_stages: bool = False,
     ) -> Ranking:
-        """The best `top_k` documents (all when None), best first."""
-        data = self._post("/rerank", _rerank_body(query, documents, top_k, model))
+        """The best `top_k` documents (all when None), best first. `candidates`: how many of
+        stage 1's best go to stage 2 (None: the server's setting); `return_stages`: give each
+        result its stage-1 score and rank."""
+        data = self._post(
+            "/rerank", _rerank_body(query, documents, top_k, model, candidates, return_stages)
+        )
         return _ranking(data)
 
     def rerank_batch(self, queries: Sequence[RerankQuery]) -> list[Ranking]:
@@ -301,9 +336,15 @@ class AsyncRerankerClient:
         top_k: int | None = None,
         *,
         model: str | None = None,
+        candidates: int | None = None,
+        return_stages: bool = False,
     ) -> Ranking:
-        """The best `top_k` documents (all when None), best first."""
-        data = await self._post("/rerank", _rerank_body(query, documents, top_k, model))
+        """The best `top_k` documents (all when None), best first. `candidates`: how many of
+        stage 1's best go to stage 2 (None: the server's setting); `return_stages`: give each
+        result its stage-1 score and rank."""
+        data = await self._post(
+            "/rerank", _rerank_body(query, documents, top_k, model, candidates, return_stages)
+        )
         return _ranking(data)
 
     async def rerank_batch(self, queries: Sequence[RerankQuery]) -> list[Ranking]:
