@@ -27,7 +27,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -149,7 +149,12 @@ def in_process_target(settings: Settings, timeout_s: float) -> Iterator[Target]:
     port = int(listener.getsockname()[1])
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+
+    def serve() -> None:
+        with suppress(SystemExit):  # uvicorn's answer to a failed startup; app.failure says why
+            server.run(sockets=[listener])
+
+    thread = threading.Thread(target=serve, daemon=True)
     logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)  # a failure is our one line
     thread.start()
     try:
