@@ -13,7 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import Receive, Scope, Send
 
 from . import __version__
-from .api import batch, cohere, health, native
+from .api import batch, cohere, health, native, playground
 from .api import metrics as metrics_route
 from .api.errors import install_error_handlers
 from .api.guard import RequestGuard
@@ -110,6 +110,7 @@ def create_app(
     app.include_router(cohere.router)
     app.include_router(health.router)
     app.include_router(metrics_route.router)
+    app.include_router(playground.router)
     app.add_middleware(
         RequestGuard,
         max_body_bytes=settings.max_body_bytes,
