@@ -4,7 +4,7 @@
 
     with RerankerClient("http://localhost:5200", api_key=None) as client:
         ranking = client.rerank("capital of France?", ["Berlin ...", "Paris ..."], top_k=1)
-        best = ranking.results[0]          # RankedDocument(index=1, text="Paris ...", score=0.98)
+        best = ranking.results[0]          # ScoredDocument(index=1, text="Paris ...", score=0.98)
 
 It imports neither fastapi nor torch (only httpx and the package's value types), so it is cheap in
 any application. Error answers raise `RerankerClientError` subclasses chosen by the server's
@@ -33,13 +33,13 @@ __all__ = [
     "ModelNotFound",
     "NotReady",
     "Overloaded",
-    "RankedDocument",
     "Ranking",
     "RerankQuery",
     "RerankerClient",
     "RerankerClientError",
     "ServerError",
     "ServerTimeout",
+    "StageOneRank",
     "Unauthorized",
 ]
 
@@ -48,24 +48,28 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class RankedDocument(ScoredDocument):
-    """A result; with `return_stages=True` also its stage-1 score and its rank in stage 1's
-    order of the whole request (1 = stage 1's best), else those are None."""
+class StageOneRank:
+    """Where stage 1 put a result: its rank in stage 1's order of the whole request (1 = stage
+    1's best) and its stage-1 score."""
 
-    stage1_score: float | None = None
-    stage1_rank: int | None = None
+    rank: int
+    score: float
 
 
 @dataclass(frozen=True)
 class Ranking:
-    """One query's answer: results best first, and how the server produced them."""
+    """One query's answer: results best first, and how the server produced them.
 
-    results: list[RankedDocument]
+    `stage1`: with `return_stages=True`, one entry per result (same order); else None.
+    """
+
+    results: list[ScoredDocument]
     backend: str
     fallback: str | None
     model: str
     stages: list[StageReport]
     id: str
+    stage1: list[StageOneRank] | None = None
 
     @property
     def indices(self) -> list[int]:
@@ -199,20 +203,10 @@ def _rerank_body(
     return body
 
 
-def _optional(value: Any, kind: type[int] | type[float]) -> Any:
-    return None if value is None else kind(value)
-
-
 def _ranking(data: Mapping[str, Any]) -> Ranking:
     return Ranking(
         results=[
-            RankedDocument(
-                int(r["index"]),
-                str(r["text"]),
-                float(r["score"]),
-                stage1_score=_optional(r.get("stage1_score"), float),
-                stage1_rank=_optional(r.get("stage1_rank"), int),
-            )
+            ScoredDocument(int(r["index"]), str(r["text"]), float(r["score"]))
             for r in data["results"]
         ],
         backend=str(data["backend"]),
@@ -223,7 +217,15 @@ def _ranking(data: Mapping[str, Any]) -> Ranking:
             for s in data.get("stages", [])
         ],
         id=str(data.get("id", "")),
+        stage1=_stage1(data["results"]),
     )
+
+
+def _stage1(results: Sequence[Mapping[str, Any]]) -> list[StageOneRank] | None:
+    """The results' stage-1 ranks, when the server gave every result one."""
+    if not results or any(r.get("stage1_rank") is None for r in results):
+        return None
+    return [StageOneRank(int(r["stage1_rank"]), float(r["stage1_score"])) for r in results]
 
 
 def _json(response: httpx.Response) -> Any:

@@ -17,8 +17,10 @@ import pytest
 CHROMIUM = Path(os.environ.get("RERANKER_TEST_CHROMIUM", "/usr/bin/chromium"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    """One Chromium per test module. Not per session: while Playwright's sync API runs, this
+    thread has a running event loop, and `asyncio.run` in later tests would refuse to start."""
     sync_api = pytest.importorskip(
         "playwright.sync_api", reason="needs playwright: pip install -e .[browser-test]"
     )

@@ -271,9 +271,8 @@ def _cascade(
                 started = time.perf_counter()
                 ranking = _ask(target, query, count, model, f"cascade {name}, {label}")
                 latencies.append(time.perf_counter() - started)
-                for r in ranking.results:
-                    if r.stage1_rank is not None:
-                        stage1_ranks[done - 1][r.stage1_rank] = r.index
+                for result, stage1 in zip(ranking.results, ranking.stage1 or [], strict=True):
+                    stage1_ranks[done - 1][stage1.rank] = result.index
                 row.stage2[ranking.stages[1].device if len(ranking.stages) > 1 else "none"] += 1
                 if ranking.fallback:
                     row.fallbacks[ranking.fallback] += 1
@@ -333,7 +332,7 @@ def _ask(target: Target, query: EvalQuery, count: int, model: str | None, what: 
         raise EvalError(f"{what}: lost {target.where} ({exc})") from None
     except RerankerClientError as exc:
         raise EvalError(f"{what}: query {query.qid!r}: the server answered {exc}") from None
-    if any(r.stage1_rank is None for r in ranking.results):
+    if ranking.results and ranking.stage1 is None:
         raise EvalError(
             f"{target.where} ignored return_stages (no stage1_rank in its answers): it predates "
             "per-request candidates; upgrade the server"
