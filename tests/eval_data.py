@@ -51,27 +51,40 @@ def write_jsonl(path: Path, lines: Iterable[Mapping[str, Any]]) -> Path:
     return path
 
 
-def synthetic_beir(folder: Path, topics: int = 6, docs_per_topic: int = 5, seed: int = 0) -> Path:
-    """Documents about `topics` subjects; each query asks about one subject, whose documents are
-    relevant (grade 2 for those that use most of the query's words, else 1)."""
+def synthetic_beir(
+    folder: Path,
+    topics: int = 6,
+    docs_per_topic: int = 5,
+    seed: int = 0,
+    queries_per_topic: int = 1,
+    question: str = "",
+) -> Path:
+    """Documents about `topics` subjects; each query asks about one subject (three of its words,
+    after `question`), whose documents are relevant: grade 2 for those that use at least two of
+    the query's subject words, else 1. A `question` of filler words ("what is the") makes BM25
+    return most of the corpus, as a vague user question does."""
     rng = random.Random(seed)
     corpus: dict[str, str] = {}
     queries: dict[str, str] = {}
     qrels: list[tuple[str, str, int]] = []
     for t, topic in enumerate(TOPICS[:topics]):
         words = topic.split()
-        query_words = words[:3]
-        queries[f"q{t}"] = " ".join(query_words)
+        docs: dict[str, list[str]] = {}
         for d in range(docs_per_topic):
             shared = rng.randint(1, len(words))
             body = rng.sample(words, shared) + rng.sample(FILLER, 6)
             if rng.random() < 0.5:  # a stray word of another topic
                 body.append(rng.choice(TOPICS[(t + 1) % len(TOPICS)].split()))
             rng.shuffle(body)
-            doc_id = f"d{t}-{d}"
-            corpus[doc_id] = " ".join(body)
-            grade = 2 if len(set(query_words) & set(body)) >= 2 else 1
-            qrels.append((f"q{t}", doc_id, grade))
+            docs[f"d{t}-{d}"] = body
+            corpus[f"d{t}-{d}"] = " ".join(body)
+        for n in range(queries_per_topic):
+            query_words = words[:3] if n == 0 else rng.sample(words, 3)
+            qid = f"q{t}" if n == 0 else f"q{t}-{n}"
+            queries[qid] = f"{question} {' '.join(query_words)}".strip()
+            for doc_id, body in docs.items():
+                grade = 2 if len(set(query_words) & set(body)) >= 2 else 1
+                qrels.append((qid, doc_id, grade))
     return write_beir(folder, corpus, queries, qrels)
 
 
