@@ -8,6 +8,7 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
+from xml.etree import ElementTree
 
 import httpx
 import pytest
@@ -20,6 +21,7 @@ from reranker_server.evaluation import EvalError
 from reranker_server.evaluation.bm25 import BM25
 from reranker_server.evaluation.data import load_dataset
 from reranker_server.evaluation.metrics import cascade_ranking, mrr_at, ndcg_at, recall_at
+from reranker_server.evaluation.report import _nice_step
 from reranker_server.evaluation.runner import Progress, evaluate, parse_depths, remote_target
 from reranker_server.settings import Settings
 
@@ -65,6 +67,10 @@ def test_mrr_and_recall() -> None:
 def test_a_cascade_ranking_is_stage_2s_candidates_then_stage_1s_rest() -> None:
     assert cascade_ranking([3, 1], [1, 2, 3, 0, 4], 4) == [3, 1, 2, 0]
     assert cascade_ranking([], [1, 2, 3], 2) == [1, 2]
+
+
+def test_chart_ticks_are_round_numbers() -> None:
+    assert [_nice_step(v) for v in (1637, 0.3, 40, 0)] == [2000, 0.5, 50, 1.0]
 
 
 def test_depths() -> None:
@@ -250,7 +256,9 @@ def test_eval_against_a_live_server_prints_every_depth(
     assert [label for label, _ in depth_rows] == ["stage 1", "2", "5", "all"]
     assert "cpu" in out.splitlines()[-3]  # stage 2 ran on the CPU
     assert "eval: cascade default, all: 4/4" in err  # progress
-    assert plot.read_text().startswith("<svg") and ">all</text>" in plot.read_text()
+    chart = ElementTree.fromstring(plot.read_text())  # well-formed SVG
+    labels = [e.text for e in chart.iter("{http://www.w3.org/2000/svg}text")]
+    assert {"stage 1", "2", "5", "all", "NDCG@10", "Recall@10", "p50", "p95"} <= set(labels)
 
 
 def test_eval_in_process_as_json(

@@ -6,6 +6,7 @@ The chart is written by hand (no plotting library): two panels sharing the depth
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from html import escape
 from typing import Any
@@ -18,9 +19,10 @@ COLOURS = ["#1f5fa8", "#c0392b", "#2e8b57", "#8e44ad", "#d35400"]
 def table(result: EvalResult) -> str:
     data = result.dataset
     relevant = data.candidate_recall() * 100
+    mean = sum(len(q.doc_ids) for q in data.queries) / len(data.queries)
     lines = [
         f"reranker-server eval: {len(data.queries)} queries of {data.path} ({data.layout}); "
-        f"candidates: {data.source}",
+        f"candidates: {data.source}, {mean:.1f} per query",
         f"  the candidate lists hold {relevant:.1f}% of the relevant documents (the ceiling of "
         "every recall below)"
         + (f"; {data.skipped} queries without a relevant document skipped" if data.skipped else ""),
@@ -71,6 +73,9 @@ def as_json(result: EvalResult) -> dict[str, Any]:
             "queries": len(data.queries),
             "skipped": data.skipped,
             "candidate_recall": round(data.candidate_recall(), 6),
+            "candidates_per_query": round(
+                sum(len(q.doc_ids) for q in data.queries) / len(data.queries), 3
+            ),
         },
         "server": result.where,
         "top_k": result.top_k,
@@ -113,7 +118,11 @@ def svg(result: EvalResult) -> str:
     step = (WIDTH - LEFT - RIGHT) / max(1, len(labels) - 1)
     xs = [LEFT + i * step for i in range(len(labels))]
     height = TOP + 2 * PANEL + GAP + 60
-    slowest = max(row.p95_ms for c in result.cascades for row in c.rows) or 1.0
+    slowest = max(
+        max(row.p95_ms, (row.cpu_s or 0) * 1000) for c in result.cascades for row in c.rows
+    )
+    tick = _nice_step(slowest / 4)
+    top_ms = tick * math.ceil(slowest / tick)
     quality_top, latency_top = TOP, TOP + PANEL + GAP
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
@@ -125,8 +134,10 @@ def svg(result: EvalResult) -> str:
         f"candidates depth: {len(result.dataset.queries)} queries</text>",
     ]
     parts += _panel(quality_top, xs, labels, 1.0, "quality", [0, 0.25, 0.5, 0.75, 1.0], "{:.2f}")
-    ticks = [slowest * 1.1 * i / 4 for i in range(5)]
-    parts += _panel(latency_top, xs, labels, slowest * 1.1, "latency (ms)", ticks, "{:.0f}")
+    ticks = [tick * i for i in range(round(top_ms / tick) + 1)]
+    parts += _panel(
+        latency_top, xs, labels, top_ms, "latency and CPU (ms per query)", ticks, "{:g}"
+    )
     legend_y = TOP
     for n, cascade in enumerate(result.cascades):
         colour = COLOURS[n % len(COLOURS)]
@@ -134,9 +145,12 @@ def svg(result: EvalResult) -> str:
         series = [
             (quality_top, 1.0, [r.ndcg for r in cascade.rows], "", "NDCG@10"),
             (quality_top, 1.0, [r.recall for r in cascade.rows], "6 4", f"Recall@{k}"),
-            (latency_top, slowest * 1.1, [r.p50_ms for r in cascade.rows], "", "p50"),
-            (latency_top, slowest * 1.1, [r.p95_ms for r in cascade.rows], "6 4", "p95"),
+            (latency_top, top_ms, [r.p50_ms for r in cascade.rows], "", "p50"),
+            (latency_top, top_ms, [r.p95_ms for r in cascade.rows], "6 4", "p95"),
         ]
+        if all(r.cpu_s is not None for r in cascade.rows):
+            cpu_ms = [(r.cpu_s or 0) * 1000 for r in cascade.rows]
+            series.append((latency_top, top_ms, cpu_ms, "2 3", "CPU"))
         name = escape(cascade.model or "default")
         parts.append(
             f'<text x="{WIDTH - RIGHT + 20}" y="{legend_y}" font-weight="bold">{name}</text>'
@@ -167,6 +181,14 @@ def svg(result: EvalResult) -> str:
         legend_y += 10
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
+
+
+def _nice_step(raw: float) -> float:
+    """The smallest of 1, 2, 2.5, 5 times a power of ten that is at least `raw`."""
+    if raw <= 0:
+        return 1.0
+    power = 10 ** math.floor(math.log10(raw))
+    return next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
 
 
 def _panel(
