@@ -85,10 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure quality and cost per candidates depth on labelled data",
         allow_abbrev=False,
     )
-    _add_setting_flags(evaluate)  # the in-process server's settings
     from .evaluation.command import add_arguments
 
     add_arguments(evaluate)
+    _add_setting_flags(evaluate)  # the in-process server's settings
     return parser
 
 

@@ -19,7 +19,7 @@ DESCRIPTION = """Measure the cascade on a labelled set: NDCG@10, MRR@10, Recall@
 latency and CPU seconds per query, for stage 1 alone and for each candidates depth. DATA_DIR is a
 BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv; candidates from --run or from BM25)
 or a .jsonl file of {"query", "documents", "relevant"} lines. Without --url the server runs
-in-process, configured by the setting flags below and RERANKER_* variables."""
+in-process, configured by the setting flags after the eval flags and RERANKER_* variables."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,21 +29,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key",
         dest="eval_api_key",
+        metavar="KEY",
         default=os.environ.get("RERANKER_API_KEY"),
         help="the server's key with --url [env RERANKER_API_KEY]",
     )
     parser.add_argument("--split", default="test", help="qrels/<split>.tsv (default test)")
-    parser.add_argument("--run", type=Path, help="TREC run file with each query's candidates")
     parser.add_argument(
-        "--top-n", type=int, default=100, help="candidates per query from the run or BM25 (100)"
+        "--run", type=Path, metavar="FILE", help="TREC run file with each query's candidates"
     )
     parser.add_argument(
-        "--depths", default="5,10,20,50,all", help="candidates depths to try (5,10,20,50,all)"
+        "--top-n",
+        type=int,
+        default=100,
+        metavar="N",
+        help="candidates per query from the run or BM25 (100)",
     )
-    parser.add_argument("--top-k", dest="eval_top_k", type=int, default=10, help="Recall@k (10)")
-    parser.add_argument("--models", help="cascades to compare, a,b (sent as `model`)")
-    parser.add_argument("--max-queries", type=int, help="evaluate only the first N queries")
-    parser.add_argument("--timeout", type=float, default=130.0, help="seconds per request")
+    parser.add_argument(
+        "--depths",
+        default="5,10,20,50,all",
+        metavar="LIST",
+        help="candidates depths to try (5,10,20,50,all)",
+    )
+    parser.add_argument(
+        "--top-k", dest="eval_top_k", type=int, default=10, metavar="K", help="Recall@K (10)"
+    )
+    parser.add_argument(
+        "--models", metavar="A,B", help="cascades to compare, a,b (sent as `model`)"
+    )
+    parser.add_argument(
+        "--max-queries", type=int, metavar="N", help="evaluate only the first N queries"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=130.0, metavar="S", help="seconds per request"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--plot", type=Path, metavar="FILE.svg", help="write an SVG chart")
 
