@@ -11,7 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import Receive, Scope, Send
 
 from . import __version__
-from .api import health, routes
+from .api import health, playground, routes
 from .api import metrics as metrics_route
 from .api.docs_pages import install_docs
 from .api.errors import install_error_handlers
@@ -91,6 +91,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(metrics_route.router)
     install_docs(app)
+    app.include_router(playground.router)
     app.add_middleware(
         RequestGuard,
         max_body_bytes=settings.max_body_bytes,

@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load both models, then serve POST /rerank and the other routes.",
         allow_abbrev=False,
     )
-    _add_setting_flags(serve, tuple(n for n in Settings.model_fields if n not in SECRET_SETTINGS))
+    server_settings = tuple(n for n in Settings.model_fields if n not in SECRET_SETTINGS)
+    _add_setting_flags(serve, server_settings)
 
     download = commands.add_parser(
         "download",
@@ -153,6 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the coverage matrix (one tiny model per supported architecture, "
         "FlashRank layouts, ONNX exports) under DIR/matrix",
     )
+    evaluate = commands.add_parser(
+        "eval",
+        help="measure quality and cost per candidates depth on labelled data",
+        allow_abbrev=False,
+    )
+    from .evaluation.command import add_arguments
+
+    add_arguments(evaluate)
+    # the in-process server's settings
+    _add_setting_flags(
+        evaluate, tuple(n for n in Settings.model_fields if n not in SECRET_SETTINGS)
+    )
     return parser
 
 
@@ -161,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "make-test-models":
         configure_logging("info", "text")
         return _make_test_models(args)
-    unused = () if args.command == "serve" else set(Settings.model_fields) - set(DOWNLOAD_SETTINGS)
+    serving = args.command in ("serve", "eval")  # eval can serve in-process
+    unused = () if serving else set(Settings.model_fields) - set(DOWNLOAD_SETTINGS)
     try:
         settings, notes = load_settings(flags_given(args), unused=unused)
     except SettingsError as exc:
@@ -173,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "download":
         return _download(settings)
+    if args.command == "eval":
+        return _eval(args, settings)
     return _serve(settings)
 
 
@@ -225,6 +241,14 @@ def _download(settings: Settings) -> int:
         print(f"reranker-server: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _eval(args: argparse.Namespace, settings: Settings) -> int:
+    from .evaluation.command import run
+
+    if args.log_level is None:  # the in-process server's request lines would drown the progress
+        logging.getLogger("reranker_server").setLevel(logging.WARNING)
+    return run(args, settings)
 
 
 def _make_test_models(args: argparse.Namespace) -> int:

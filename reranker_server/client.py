@@ -39,6 +39,7 @@ __all__ = [
     "RerankerClientError",
     "ServerError",
     "ServerTimeout",
+    "StageOneRank",
     "Unauthorized",
 ]
 
@@ -47,8 +48,20 @@ __all__ = [
 
 
 @dataclass(frozen=True)
+class StageOneRank:
+    """Where stage 1 put a result: its rank in stage 1's order of the whole request (1 = stage
+    1's best) and its stage-1 score."""
+
+    rank: int
+    score: float
+
+
+@dataclass(frozen=True)
 class Ranking:
-    """One query's answer: results best first, and how the server produced them."""
+    """One query's answer: results best first, and how the server produced them.
+
+    `stage1`: with `return_stages=True`, one entry per result (same order); else None.
+    """
 
     results: list[ScoredDocument]
     backend: str
@@ -56,6 +69,7 @@ class Ranking:
     model: str
     stages: list[StageReport]
     id: str
+    stage1: list[StageOneRank] | None = None
 
     @property
     def indices(self) -> list[int]:
@@ -168,7 +182,12 @@ def _error_from(response: httpx.Response) -> RerankerClientError:
 
 
 def _rerank_body(
-    query: str, documents: Sequence[str], top_k: int | None, model: str | None
+    query: str,
+    documents: Sequence[str],
+    top_k: int | None,
+    model: str | None,
+    candidates: int | None = None,
+    return_stages: bool = False,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"query": query, "documents": list(documents)}
     if top_k is None:
@@ -177,6 +196,10 @@ def _rerank_body(
         body["top_k"] = top_k
     if model is not None:
         body["model"] = model
+    if candidates is not None:
+        body["candidates"] = candidates
+    if return_stages:
+        body["return_stages"] = True
     return body
 
 
@@ -194,7 +217,15 @@ def _ranking(data: Mapping[str, Any]) -> Ranking:
             for s in data.get("stages", [])
         ],
         id=str(data.get("id", "")),
+        stage1=_stage1(data["results"]),
     )
+
+
+def _stage1(results: Sequence[Mapping[str, Any]]) -> list[StageOneRank] | None:
+    """The results' stage-1 ranks, when the server gave every result one."""
+    if not results or any(r.get("stage1_rank") is None for r in results):
+        return None
+    return [StageOneRank(int(r["stage1_rank"]), float(r["stage1_score"])) for r in results]
 
 
 def _json(response: httpx.Response) -> Any:
@@ -237,9 +268,15 @@ class RerankerClient:
         top_k: int | None = None,
         *,
         model: str | None = None,
+        candidates: int | None = None,
+        return_stages: bool = False,
     ) -> Ranking:
-        """The best `top_k` documents (all when None), best first."""
-        data = self._post("/rerank", _rerank_body(query, documents, top_k, model))
+        """The best `top_k` documents (all when None), best first. `candidates`: how many of
+        stage 1's best go to stage 2 (None: the server's setting); `return_stages`: give each
+        result its stage-1 score and rank."""
+        data = self._post(
+            "/rerank", _rerank_body(query, documents, top_k, model, candidates, return_stages)
+        )
         return _ranking(data)
 
     def rerank_batch(self, queries: Sequence[RerankQuery]) -> list[Ranking]:
@@ -301,9 +338,15 @@ class AsyncRerankerClient:
         top_k: int | None = None,
         *,
         model: str | None = None,
+        candidates: int | None = None,
+        return_stages: bool = False,
     ) -> Ranking:
-        """The best `top_k` documents (all when None), best first."""
-        data = await self._post("/rerank", _rerank_body(query, documents, top_k, model))
+        """The best `top_k` documents (all when None), best first. `candidates`: how many of
+        stage 1's best go to stage 2 (None: the server's setting); `return_stages`: give each
+        result its stage-1 score and rank."""
+        data = await self._post(
+            "/rerank", _rerank_body(query, documents, top_k, model, candidates, return_stages)
+        )
         return _ranking(data)
 
     async def rerank_batch(self, queries: Sequence[RerankQuery]) -> list[Ranking]:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from reranker_server.client import (
@@ -103,3 +104,17 @@ def test_client_imports_neither_fastapi_nor_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_candidates_and_stage_one_ranks(server: str) -> None:
+    with RerankerClient(server, api_key=KEY) as client:
+        plain = client.rerank(QUERY, DOCUMENTS, top_k=2)
+        staged = client.rerank(QUERY, DOCUMENTS, top_k=2, candidates=3, return_stages=True)
+    assert plain.stage1 is None  # not asked for
+    if "return_stages" not in httpx.get(f"{server}/openapi.json").text:
+        assert staged.stage1 is None  # a server before issue 13 ignores both fields
+        pytest.skip("waits on issue 13: POST /rerank `candidates` and `return_stages`")
+    # one stage, KeywordRunner: stage 1's order is the answer
+    assert staged.stage1 is not None
+    assert [s.rank for s in staged.stage1] == [1, 2]
+    assert [s.score for s in staged.stage1] == [r.score for r in staged.results]
