@@ -12,7 +12,7 @@ from xml.etree import ElementTree
 
 import httpx
 import pytest
-from reranker_server.engine.cascade import Engine
+from reranker_server.engine.engine import Engine
 
 from reranker_server.app import create_app
 from reranker_server.cli import main
