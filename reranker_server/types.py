@@ -14,6 +14,7 @@ Backend = Literal["gpu", "cpu"]
 FallbackReason = Literal["no_gpu", "low_vram", "cooldown", "oom", "cuda_error", "invalid_scores"]
 LongDocMode = Literal["truncate", "chunk"]
 KeepSide = Literal["start", "end"]
+PlanName = Literal["cascade", "gpu_only"]  # engine/plan.py
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class RerankOutcome:
     tokens: int = 0  # tokens the stage-1 model processed (cache hits cost none)
     windows: int = 0  # (query, window) pairs stage 1 ranked: documents, or more when chunked
     pair_tokens: int = 0  # tokens of those pairs, cache hits included (the request's usage)
+    plan: PlanName = "cascade"  # gpu_only: stage 1 skipped, stage 2 scored every document
+    plan_reason: str = ""  # why (engine/plan.py), e.g. "gpu est 12 ms < cpu est 300 ms"
 
     @property
     def cache_hits(self) -> int:

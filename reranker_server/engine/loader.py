@@ -17,6 +17,7 @@ from ..settings import Settings
 from ..types import LongDocPolicy
 from .cache import MemoryScoreCache, RedisScoreCache, ScoreCache, namespace
 from .engine import Engine
+from .plan import StageCosts
 from .scheduler import Lane, RunnerCopies, Scheduler
 from .windows import Windower
 
@@ -75,9 +76,17 @@ def load_engine(
         scheduler=Scheduler(settings.runs(), name="cpu-run"),
         gpu_scheduler=Scheduler(1, name="gpu-run") if stage2_gpu is not None else None,
         lanes=lanes(served, settings),
+        stage1_mode=settings.stage1,
+        costs=StageCosts(settings.stage1_auto_ewma_weight),
     )
     if settings.warmup:
         warm_up(engine)
+        if settings.stage1 == "auto" and stage2_gpu is not None:
+            costs = engine.calibrate()
+            logger.info(
+                "plan costs measured: %s",
+                ", ".join(f"{role} {rate * 1e6:.3g} us/token" for role, rate in costs.items()),
+            )
     logger.info(
         "models ready in %.1f s (stage 1: %s; stage 2: %s)",
         time.perf_counter() - started,
