@@ -123,7 +123,9 @@ NO_GPU = Plan("cascade", "no GPU stage")
 
 
 def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.3g} ms"
+    """12 ms, 2500 ms, 0.35 ms."""
+    ms = seconds * 1000
+    return f"{ms:.0f} ms" if ms >= 10 else f"{ms:.2g} ms"
 
 
 def choose(
