@@ -404,10 +404,12 @@ class Engine:
         stages.append(report)
         return scores, None
 
-    def calibrate(self, documents: int = 32) -> dict[str, float]:
+    def calibrate(
+        self, documents: int = 32, roles: Sequence[str] = (CPU_ROLE, GPU_ROLE)
+    ) -> dict[str, float]:
         """Seed the plan's per-token costs (`costs`) on this host: one synthetic request of
-        `documents` passages through stage 1 and through stage 2 on the GPU, via the schedulers
-        as requests go. Run at warm-up under `RERANKER_STAGE1=auto`; returns the costs."""
+        `documents` passages through each of `roles` that is loaded, via the schedulers as
+        requests go. Run at warm-up under `RERANKER_STAGE1=auto`; returns the costs."""
         texts = calibration_texts(documents)
         plan = (
             self.windows.plan(CALIBRATION_QUERY, texts, self.long_documents)
@@ -415,7 +417,9 @@ class Engine:
             else WindowPlan.whole(CALIBRATION_QUERY, texts)
         )
         tokens = sum(plan.pair_tokens or word_tokens(plan.query, plan.texts))
-        for role, runner in ((CPU_ROLE, self.stage1), (GPU_ROLE, self.stage2_gpu)):
+        runners = {CPU_ROLE: self.stage1, GPU_ROLE: self.stage2_gpu, "stage2_cpu": self.stage2_cpu}
+        for role in roles:
+            runner = runners[role]
             if runner is None:
                 continue
             started = time.perf_counter()
