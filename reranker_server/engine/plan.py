@@ -45,10 +45,10 @@ CALIBRATION_WORDS = (
 
 
 def calibration_texts(count: int) -> list[str]:
-    """Passages of mixed lengths (16 to 136 words), as retrieval returns them."""
+    """Passages of mixed lengths (40 to 200 words, ~120 on average), as retrieval returns them."""
     words = CALIBRATION_WORDS
     return [
-        " ".join(words[(i + j) % len(words)] for j in range(16 + (i * 37) % 121))
+        " ".join(words[(i + j) % len(words)] for j in range(40 + (i * 37) % 161))
         for i in range(count)
     ]
 
