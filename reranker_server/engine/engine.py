@@ -234,9 +234,7 @@ class Engine:
             return ALWAYS
         if self.stage2_gpu is None:
             return NO_GPU
-        tokens = plan.pair_tokens or [
-            2 + len(plan.query.split()) + len(t.split()) for t in plan.texts
-        ]
+        tokens = plan.pair_tokens or word_tokens(plan.query, plan.texts)
         return choose(
             gate=self.gate.check(probe=self._probe),
             costs=self.costs,
