@@ -160,7 +160,8 @@ class RerankRequest(BaseModel):
     return_stages: bool | None = Field(
         None,
         description="Add each result's stage-1 score and rank (`stage1_score`, `stage1_rank`: "
-        "its 1-based place in stage 1's order of all documents).",
+        "its 1-based place in stage 1's order of all documents); none under plan gpu_only, "
+        "where stage 1 did not run.",
     )
 
 
