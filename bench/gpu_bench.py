@@ -5,7 +5,9 @@
 Uses shape-equivalent models (`make-test-models --full-size`: MiniLM-L6-H384, random weights, the
 same compute as the real one), built here unless `--models` points at existing ones. For 10, 100
 and 1,000 candidates it prints a markdown table of fp16 against fp32 (the ratio in the same run)
-and a batch-size sweep. `--device cpu` runs the same on the CPU (for a smoke check, fp32/bf16).
+(and the largest score difference between the two: fp16 parity), and a batch-size sweep.
+`--device cpu` runs the same on the CPU (for a smoke check, fp32/bf16). bench/gpu_check.sh runs
+it on a GPU host.
 """
 
 from __future__ import annotations
@@ -90,17 +92,21 @@ def main() -> int:
     print(f"\nstage 2 on {where}, MiniLM-L6-H384 shape, random weights, {args.repeats} runs\n")
     print(
         f"| candidates | fp32 p50 (ms) | fp32 pairs/s | {low} p50 (ms) | {low} pairs/s "
-        f"| {low} / fp32 throughput |"
+        f"| {low} / fp32 throughput | max abs score diff |"
     )
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     full, reduced = runner("fp32"), runner(low)
     for size in sizes:
         docs = passages(size)
         p50_a, rate_a = measure(full, docs, args.repeats)
         p50_b, rate_b = measure(reduced, docs, args.repeats)
+        diff = max(
+            abs(a - b)
+            for a, b in zip(full.score(QUERY, docs), reduced.score(QUERY, docs), strict=True)
+        )
         print(
             f"| {size} | {p50_a * 1e3:.1f} | {rate_a:,.0f} | {p50_b * 1e3:.1f} | {rate_b:,.0f} "
-            f"| {rate_b / rate_a:.2f}x |"
+            f"| {rate_b / rate_a:.2f}x | {diff:.1e} |"
         )
 
     print(f"\nbatch-size sweep ({low}, {max(sizes)} candidates)\n")

@@ -83,6 +83,7 @@ def serve(
                 "RERANKER_REQUEST_TIMEOUT_S": "600",
             }
         )
+        env.update(extra_env)  # the caller's settings win (bench/plan_e2e.py: device, plan)
         cmd = [
             sys.executable,
             "-m",

@@ -86,6 +86,13 @@ class Metrics:
             ["backend"],
             registry=r,
         )
+        self.plans = Counter(
+            "reranker_plans_total",
+            "Rerank answers by plan: cascade (stage 1, then stage 2 on the candidates) or "
+            "gpu_only (RERANKER_STAGE1=auto: stage 2 on the GPU scored every document).",
+            ["plan"],
+            registry=r,
+        )
         self.fallbacks = Counter(
             "reranker_gpu_fallbacks_total",
             "Requests a loaded GPU model did not answer, by reason "
@@ -123,6 +130,7 @@ class Metrics:
             self.documents.observe(outcome.documents)
             self.tokens.observe(outcome.tokens)
             self.backend.labels(outcome.backend).inc()
+            self.plans.labels(outcome.plan).inc()
             if outcome.fallback is not None and outcome.fallback != "no_gpu":
                 self.fallbacks.labels(outcome.fallback).inc()
             for stage in outcome.stages:

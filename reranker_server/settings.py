@@ -82,6 +82,19 @@ class Settings(BaseSettings):
     device: str = Field(
         "auto", description="Stage-2 device: auto, cpu, cuda or cuda:N (auto = CUDA if present)."
     )
+    stage1: Literal["always", "auto"] = Field(
+        "always",
+        description="always: every request runs the cascade (stage 1 on the CPU, then stage 2). "
+        "auto: a request skips stage 1 and stage 2 on the GPU scores every document when the GPU "
+        "is usable and estimated sooner than stage 1 (docs/gpu.md); no GPU: as always.",
+    )
+    stage1_auto_ewma_weight: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="With stage1=auto: weight of each request's timing in the per-token cost "
+        "estimates (0: keep the warm-up measurement).",
+    )
     stage2_on_cpu: bool = Field(
         False,
         description="Run the cross-encoder on the CPU when no GPU is usable (off: answer from "

@@ -14,6 +14,7 @@ Backend = Literal["gpu", "cpu"]
 FallbackReason = Literal["no_gpu", "low_vram", "cooldown", "oom", "cuda_error", "invalid_scores"]
 LongDocMode = Literal["truncate", "chunk"]
 KeepSide = Literal["start", "end"]
+PlanName = Literal["cascade", "gpu_only"]  # engine/plan.py
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class RerankOutcome:
     windows: int = 0  # (query, window) pairs stage 1 ranked: documents, or more when chunked
     pair_tokens: int = 0  # tokens of those pairs, cache hits included (the request's usage)
     cascade: str = ""  # the cascade that answered (set by the service)
+    plan: PlanName = "cascade"  # gpu_only: stage 1 skipped, stage 2 scored every document
+    plan_reason: str = ""  # why (engine/plan.py), e.g. "gpu est 12 ms < cpu est 300 ms"
 
     @property
     def cache_hits(self) -> int:

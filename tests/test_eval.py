@@ -12,11 +12,11 @@ from xml.etree import ElementTree
 
 import httpx
 import pytest
-from reranker_server.engine.engine import Engine
 
 from reranker_server.app import create_app
 from reranker_server.cli import main
 from reranker_server.devices import GpuGate
+from reranker_server.engine.engine import Engine
 from reranker_server.evaluation import EvalError
 from reranker_server.evaluation.bm25 import BM25
 from reranker_server.evaluation.data import load_dataset

@@ -79,6 +79,8 @@ def from_outcome(outcome: RerankOutcome, body: RerankRequest, model: str) -> Rer
         ],
         backend=outcome.backend,
         fallback=outcome.fallback,
+        plan=outcome.plan,
+        plan_reason=outcome.plan_reason,
         stages=[
             StageInfo(
                 name=s.name,

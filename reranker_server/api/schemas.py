@@ -160,7 +160,8 @@ class RerankRequest(BaseModel):
     return_stages: bool | None = Field(
         None,
         description="Add each result's stage-1 score and rank (`stage1_score`, `stage1_rank`: "
-        "its 1-based place in stage 1's order of all documents).",
+        "its 1-based place in stage 1's order of all documents); none under plan gpu_only, "
+        "where stage 1 did not run.",
     )
 
 
@@ -229,6 +230,14 @@ class RerankResponse(BaseModel):
         None, description="Why the GPU was not used: no_gpu, low_vram, cooldown, oom, cuda_error."
     )
     stages: list[StageInfo] = Field(default_factory=list, description="Stages that ran, in order.")
+    plan: Literal["cascade", "gpu_only"] = Field(
+        "cascade",
+        description="cascade: stage 1 scored every document, stage 2 the candidates; gpu_only: "
+        "stage 2 on the GPU scored every document, stage 1 was skipped (RERANKER_STAGE1=auto).",
+    )
+    plan_reason: str = Field(
+        "", description='Why this plan, e.g. "gpu est 12 ms < cpu est 300 ms".'
+    )
     id: str = Field(..., description="A new id per answer.")
     model: str = Field(..., description="The model that produced the final order.")
     usage: Usage

@@ -6,8 +6,8 @@
 - Cache opt-out per request: `Cache-Control: no-cache` / `no-store` or `X-Reranker-Cache: off`.
 - One log record per request on the `reranker_server.access` logger (health and metrics routes at
   DEBUG, the rest at INFO) with the route, status, documents, tokens, top_k, cascade, backend,
-  stage timings, cache hits and the client address. Query and document text only with
-  `log_payloads`.
+  plan (and why), stage timings, cache hits and the client address. Query and document text only
+  with `log_payloads`.
 
 It works for every dialect without their help: the route's outcome arrives through the request's
 `RequestTrace` (engine/trace.py).
@@ -182,6 +182,8 @@ class RequestTelemetry:
                 cascade=outcomes[-1].cascade or None,
                 backend=outcomes[-1].backend,
                 fallback=outcomes[-1].fallback,
+                plan=outcomes[-1].plan,
+                plan_reason=outcomes[-1].plan_reason,
                 stages_ms={s.stage: round(s.seconds * 1000, 3) for o in outcomes for s in o.stages},
                 cache="on" if trace.use_cache else "off",
                 cache_hits=sum(o.cache_hits for o in outcomes),

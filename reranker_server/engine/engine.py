@@ -1,5 +1,6 @@
 """`Engine`: the two-stage cascade. Stage 1 scores everything, stage 2 reorders the best
-candidates.
+candidates. Under `RERANKER_STAGE1=auto` a request may skip stage 1 and have stage 2 on the GPU
+score every document when that is estimated to be sooner (the plan: engine/plan.py).
 
 Synchronous and HTTP-free: it takes a `RerankJob` (types.py) and returns a `RerankOutcome`; a test,
 the CLI or a notebook can drive it directly. The service (service.py) runs it in a request thread
@@ -34,6 +35,20 @@ from ..types import (
     job_part_names,
 )
 from .cache import ScoreCache, namespace, pair_keys
+from .plan import (
+    ALWAYS,
+    CALIBRATION_QUERY,
+    CPU_ROLE,
+    GPU_ROLE,
+    NO_GPU,
+    Plan,
+    Stage1Mode,
+    StageCosts,
+    calibration_texts,
+    choose,
+    failed,
+    word_tokens,
+)
 from .scheduler import Lane, Scheduler
 from .windows import Windower, WindowPlan
 
@@ -93,6 +108,8 @@ class Engine:
         scheduler: Scheduler | None = None,
         gpu_scheduler: Scheduler | None = None,
         lanes: Mapping[str, Lane] | None = None,
+        stage1_mode: Stage1Mode = "always",
+        costs: StageCosts | None = None,
     ) -> None:
         """`cache`: score cache (None: none). `cache_namespaces`: "stage1", "stage2_gpu",
         "stage2_cpu" -> namespace naming the model identity and its settings (the loader passes
@@ -101,7 +118,9 @@ class Engine:
         documents go to the runners whole. `long_documents`: the policy of requests that bring
         none. `scheduler`: runs the CPU stages (None: call runners directly); `gpu_scheduler`:
         runs stage 2 on the GPU (None: the CPU one). `lanes`: role -> batch policy (default:
-        the runner's own `max_pairs` and `batch_tokens`)."""
+        the runner's own `max_pairs` and `batch_tokens`). `stage1_mode`: `always` runs the
+        cascade, `auto` lets each request skip stage 1 when the GPU is estimated sooner, from
+        `costs` (seconds per token per stage, fed by every request; engine/plan.py)."""
         self.stage1 = stage1
         self.stage2_gpu = stage2_gpu
         self.stage2_cpu = stage2_cpu
@@ -123,6 +142,8 @@ class Engine:
         self.scheduler = scheduler
         self.gpu_scheduler = gpu_scheduler or scheduler
         self._lanes = dict(lanes or {})
+        self.stage1_mode = stage1_mode
+        self.costs = costs if costs is not None else StageCosts()
 
     def _lane(self, role: str, runner: Runner) -> Lane:
         if role not in self._lanes:
@@ -193,14 +214,87 @@ class Engine:
         return outcomes
 
     def _rerank(self, plan: WindowPlan, job: RerankJob) -> RerankOutcome:
-        """The cascade over `plan`'s windows; a document's score is its best window's."""
-        documents, top_k = job.texts, job.top_k
-        if not documents:
+        """The request's plan over `plan`'s windows; a document's score is its best window's."""
+        if not job.texts:
             return RerankOutcome(results=[], backend="cpu")
-        query = plan.query
         use_cache = job.use_cache and self.cache is not None
+        choice = self._choose(plan)
+        fault: FallbackReason | None = None
+        if choice.name == "gpu_only":
+            outcome, fault = self._gpu_only(plan, job, choice, use_cache)
+            if outcome is not None:
+                return outcome
+            choice = failed(choice, fault or "cuda_error")
+        return self._cascade(plan, job, choice, use_cache, fault)
+
+    def _choose(self, plan: WindowPlan) -> Plan:
+        """`always`: the cascade. `auto`: skip stage 1 when the GPU is usable and estimated
+        sooner over all the request's pairs (engine/plan.py)."""
+        if self.stage1_mode != "auto":
+            return ALWAYS
+        if self.stage2_gpu is None:
+            return NO_GPU
+        tokens = plan.pair_tokens or word_tokens(plan.query, plan.texts)
+        return choose(
+            gate=self.gate.check(probe=self._probe),
+            costs=self.costs,
+            tokens=sum(tokens),
+            pairs=len(plan.texts),
+            gpu_queued=self.gpu_scheduler.queued if self.gpu_scheduler is not None else 0,
+            cpu_queued=self.scheduler.queued if self.scheduler is not None else 0,
+        )
+
+    def _probe(self) -> None:
+        """One pair through the GPU model; it queues like any pair: never two threads in the
+        GPU model at once."""
+        if self.stage2_gpu is not None:
+            self._score(self.stage2_gpu, GPU_ROLE, PROBE_QUERY, [PROBE_DOCUMENT], None)
+
+    def _gpu_only(
+        self, plan: WindowPlan, job: RerankJob, choice: Plan, use_cache: bool
+    ) -> tuple[RerankOutcome | None, FallbackReason | None]:
+        """Stage 2 on the GPU scores every window, stage 1 does not run. Returns the outcome,
+        or None and the device fault when the GPU failed (the caller runs the cascade)."""
+        documents = job.texts
+        stages: list[StageReport] = []
+        scores, fault = self._try_gpu(
+            plan.query, plan.texts, stages, use_cache, job, plan.pair_tokens
+        )
+        if scores is None:
+            return None, fault
+        best = plan.best(range(len(plan.texts)), scores)
+        order = _rank([best[i][0] for i in range(len(documents))])
+        results = [
+            ScoredDocument(i, documents[i], best[i][0], plan.spans[best[i][1]])
+            for i in order[: job.top_k]
+        ]
+        outcome = RerankOutcome(
+            results=results,
+            backend="gpu",
+            stages=stages,
+            documents=len(documents),
+            tokens=0,  # stage 1 did not run
+            windows=len(plan.texts),
+            pair_tokens=sum(plan.pair_tokens or ()),
+            plan=choice.name,
+            plan_reason=choice.reason,
+        )
+        return outcome, None
+
+    def _cascade(
+        self,
+        plan: WindowPlan,
+        job: RerankJob,
+        choice: Plan,
+        use_cache: bool,
+        gpu_fault: FallbackReason | None = None,
+    ) -> RerankOutcome:
+        """Stage 1 over every window, stage 2 over the candidates' windows. `gpu_fault`: the
+        GPU already failed this request (stage 2 skips it)."""
+        documents, top_k = job.texts, job.top_k
+        query = plan.query
         window_scores, report, tokens = self._run(
-            self.stage1, "stage1", query, plan.texts, use_cache, job, plan.pair_tokens
+            self.stage1, CPU_ROLE, query, plan.texts, use_cache, job, plan.pair_tokens
         )
         stages = [report]
         first = plan.best(range(len(plan.texts)), window_scores)
@@ -210,8 +304,15 @@ class Engine:
         depth = job.candidates if job.candidates is not None else self.candidates
         keep = stage1_order[: max(depth, top_k)]
         picked = [w for i in keep for w in plan.windows_of[i]]  # every window of each candidate
+        picked_tokens = [plan.pair_tokens[w] for w in picked] if plan.pair_tokens else None
         scores, fallback = self._stage2(
-            query, [plan.texts[w] for w in picked], stages, use_cache, job
+            query,
+            [plan.texts[w] for w in picked],
+            stages,
+            use_cache,
+            job,
+            picked_tokens,
+            gpu_fault,
         )
         best = first
         if scores is None:  # stage 1's order is the answer
@@ -241,6 +342,8 @@ class Engine:
             tokens=tokens,
             windows=len(plan.texts),
             pair_tokens=sum(plan.pair_tokens or ()),
+            plan=choice.name,
+            plan_reason=choice.reason,
         )
 
     def _stage2(
@@ -250,36 +353,77 @@ class Engine:
         stages: list[StageReport],
         use_cache: bool,
         job: RerankJob,
+        pair_tokens: Sequence[int] | None = None,
+        gpu_fault: FallbackReason | None = None,
     ) -> tuple[list[float] | None, FallbackReason | None]:
         """Scores from the GPU cross-encoder if usable, else from the CPU one if configured.
 
         Returns the scores (None when stage 2 did not run) and why the GPU was not used.
+        `gpu_fault`: the GPU already failed this request; don't try it again.
         """
-        fallback: FallbackReason | None = "no_gpu"
-        if self.stage2_gpu is not None:
-            gpu = self.stage2_gpu
-            # the probe queues like any pair: never two threads in the GPU model at once
-            fallback = self.gate.check(
-                probe=lambda: self._score(gpu, "stage2_gpu", PROBE_QUERY, [PROBE_DOCUMENT], None)
-            )
+        fallback: FallbackReason | None = gpu_fault or "no_gpu"
+        if gpu_fault is None and self.stage2_gpu is not None:
+            fallback = self.gate.check(probe=self._probe)
             if fallback is None:
-                try:
-                    scores, report, _ = self._run(gpu, "stage2_gpu", query, texts, use_cache, job)
-                    stages.append(report)
+                scores, fallback = self._try_gpu(query, texts, stages, use_cache, job, pair_tokens)
+                if scores is not None:
                     return scores, None
-                except InferenceError as exc:  # NaN / inf from the GPU (fp16 overflow, say)
-                    logger.warning("stage 2 on the GPU: %s; answering without it", exc)
-                    self.gate.record_failure("invalid_scores")
-                    fallback = "invalid_scores"
-                except RerankerError:  # the request's own limits (its deadline): as they are
-                    raise
-                except Exception as exc:
-                    fallback = self._device_fault(exc)
         if self.stage2_cpu is None:
             return None, fallback
-        scores, report, _ = self._run(self.stage2_cpu, "stage2_cpu", query, texts, use_cache, job)
+        scores, report, _ = self._run(
+            self.stage2_cpu, "stage2_cpu", query, texts, use_cache, job, pair_tokens
+        )
         stages.append(report)
         return scores, fallback
+
+    def _try_gpu(
+        self,
+        query: str,
+        texts: list[str],
+        stages: list[StageReport],
+        use_cache: bool,
+        job: RerankJob,
+        pair_tokens: Sequence[int] | None,
+    ) -> tuple[list[float] | None, FallbackReason | None]:
+        """Stage 2 on the GPU (the gate said yes): its scores, or None and the device fault
+        (the breaker opens). The request's own limits (its deadline) raise as they are."""
+        gpu = self.stage2_gpu
+        assert gpu is not None
+        try:
+            scores, report, _ = self._run(gpu, GPU_ROLE, query, texts, use_cache, job, pair_tokens)
+        except InferenceError as exc:  # NaN / inf from the GPU (fp16 overflow, say)
+            logger.warning("stage 2 on the GPU: %s; answering without it", exc)
+            self.gate.record_failure("invalid_scores")
+            return None, "invalid_scores"
+        except RerankerError:
+            raise
+        except Exception as exc:
+            return None, self._device_fault(exc)
+        stages.append(report)
+        return scores, None
+
+    def calibrate(
+        self, documents: int = 32, roles: Sequence[str] = (CPU_ROLE, GPU_ROLE)
+    ) -> dict[str, float]:
+        """Seed the plan's per-token costs (`costs`) on this host: one synthetic request of
+        `documents` passages through each of `roles` that is loaded, via the schedulers as
+        requests go. Run at warm-up under `RERANKER_STAGE1=auto`; returns the costs."""
+        texts = calibration_texts(documents)
+        plan = (
+            self.windows.plan(CALIBRATION_QUERY, texts, self.long_documents)
+            if self.windows is not None
+            else WindowPlan.whole(CALIBRATION_QUERY, texts)
+        )
+        tokens = sum(plan.pair_tokens or word_tokens(plan.query, plan.texts))
+        runners = {CPU_ROLE: self.stage1, GPU_ROLE: self.stage2_gpu, "stage2_cpu": self.stage2_cpu}
+        for role in roles:
+            runner = runners[role]
+            if runner is None:
+                continue
+            started = time.perf_counter()
+            self._score(runner, role, plan.query, plan.texts, None)
+            self.costs.set(role, (time.perf_counter() - started) / max(1, tokens))
+        return self.costs.snapshot()
 
     def _device_fault(self, exc: Exception) -> FallbackReason:
         """Turn a GPU fault into a fallback reason (and a cool-down); re-raise anything else."""
@@ -302,8 +446,9 @@ class Engine:
         pair_tokens: Sequence[int] | None = None,
     ) -> tuple[list[float], StageReport, int]:
         """Scores of `texts` (cached ones looked up, the rest from `runner`), the stage's report
-        and the tokens the model processed (stage 1 only, when counted; `pair_tokens`: each
-        pair's tokens, already counted)."""
+        and the tokens the model processed (`pair_tokens`: each pair's tokens as stage 1's
+        tokenizer counted them; None: the runner's count). The model's time per token feeds
+        the plan's cost estimates (`costs`)."""
         started = time.perf_counter()
         keys: list[str] = []
         found: list[float | None] = [None] * len(texts)
@@ -315,7 +460,9 @@ class Engine:
         if missing:
             todo = [texts[i] for i in missing]
             try:
+                called = time.perf_counter()
                 found_scores, counted = self._score(runner, role, query, todo, job)
+                model_seconds = time.perf_counter() - called
                 fresh = _checked(found_scores, len(todo), runner)
             except RerankerError:  # ours already (invalid scores, a timeout): as it is
                 raise
@@ -325,15 +472,15 @@ class Engine:
                 raise InferenceError(
                     f"the {runner.name} model failed: {type(exc).__name__}"
                 ) from exc
-            if role == "stage1":
-                tokens = sum(pair_tokens[i] for i in missing) if pair_tokens else counted
+            tokens = sum(pair_tokens[i] for i in missing) if pair_tokens else counted
+            self.costs.observe(role, tokens, model_seconds)  # the plan's live timings
             if keys and self.cache is not None:
                 self.cache.set_many({keys[i]: s for i, s in zip(missing, fresh, strict=True)})
             for i, score in zip(missing, fresh, strict=True):
                 found[i] = score
         scores = [s for s in found if s is not None]
         cached = len(texts) - len(missing) if keys else None
-        stage = "stage1" if role == "stage1" else "stage2"
+        stage = "stage1" if role == CPU_ROLE else "stage2"
         seconds = time.perf_counter() - started
         report = StageReport(runner.name, runner.device, len(texts), seconds, stage, cached)
         return scores, report, tokens

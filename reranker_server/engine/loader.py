@@ -20,6 +20,7 @@ from ..types import LongDocPolicy
 from .cache import MemoryScoreCache, RedisScoreCache, ScoreCache, namespace
 from .cascades import Cascades, ServedCascade
 from .engine import Engine
+from .plan import StageCosts
 from .scheduler import Lane, RunnerCopies, Scheduler
 from .windows import Windower
 
@@ -166,10 +167,19 @@ class SharedModels:
             scheduler=self.cpu_scheduler(),
             gpu_scheduler=self.gpu_scheduler() if stage2_gpu is not None else None,
             lanes=lanes(served, settings, cascade.candidates),
+            stage1_mode=settings.stage1,
+            costs=StageCosts(settings.stage1_auto_ewma_weight),
         )
         if settings.warmup:
             warm_up(engine, skip=self._warm)
             self._warm.update(id(runner) for runner in served.values())
+            if settings.stage1 == "auto" and stage2_gpu is not None:
+                costs = engine.calibrate()
+                logger.info(
+                    "cascade %r plan costs measured: %s",
+                    cascade.name,
+                    ", ".join(f"{role} {rate * 1e6:.3g} us/token" for role, rate in costs.items()),
+                )
         logger.info(
             "cascade %r ready in %.1f s (stage 1: %s; stage 2: %s)",
             cascade.name,
