@@ -2,7 +2,8 @@
 
 Body: `{"error": message, "error_type": kind, "field": name or null, "detail": message}` -- TEI's
 shape, plus the field, plus `detail`, which Jina-style clients read. Unknown exceptions answer a
-generic 500; the traceback goes to the log, never to the client.
+generic 500 (api/telemetry.py answers it, so that it carries X-Request-ID); the traceback goes to
+the log once, never to the client.
 """
 
 from __future__ import annotations
@@ -80,8 +81,10 @@ async def _on_reranker_error(_request: Request, exc: Exception) -> JSONResponse:
         headers = {"Retry-After": str(retry_after)}
     if status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
-    if status >= 500:
+    if status == 500:
         logger.error("%s: %s", exc.error_type, exc, exc_info=exc.__cause__ is not None)
+    elif status == 503:  # an expected outcome under load (timeout) or while loading
+        logger.warning("%s: %s", exc.error_type, exc)
     return error_response(status, str(exc), exc.error_type, getattr(exc, "field", None), headers)
 
 
@@ -115,13 +118,7 @@ async def _on_http_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, str(exc.detail), "http_error", headers=exc.headers)
 
 
-async def _on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
-    logger.error("unhandled error", exc_info=exc)
-    return error_response(500, "internal server error", "internal_error")
-
-
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RerankerError, _on_reranker_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
-    app.add_exception_handler(Exception, _on_unexpected)

@@ -2,6 +2,8 @@
 
 - With an API key set, a POST without the right bearer token gets 401 before its body is read.
 - A body over `max_body_bytes` gets 413 (from Content-Length at once, else while reading).
+- Beyond `max_connections` open connections (server.HttpProtocol marks the request), a POST gets
+  a JSON 503 with `Retry-After` and `Connection: close`.
 - A POST whose Content-Type is not JSON gets 415 (a missing Content-Type is read as JSON), and so
   does a compressed body (Content-Encoding other than identity: nothing is ever inflated).
 """
@@ -12,6 +14,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import bearer_token, key_matches
 from .errors import error_response
+
+# ASGI scope extension server.HttpProtocol sets on a request that arrived beyond
+# `max_connections` open connections (value: the cap); rerank requests then get a JSON 503.
+OVER_CONNECTION_CAP = "reranker.over_connection_cap"
 
 
 def _is_json(content_type: str) -> bool:
@@ -30,6 +36,17 @@ class RequestGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
+            return
+        cap = scope.get("extensions", {}).get(OVER_CONNECTION_CAP)
+        if cap is not None:  # marked by server.HttpProtocol
+            await _reply(
+                send,
+                503,
+                f"too many open connections: the limit is {cap} (max_connections); retry later",
+                "too_many_connections",
+                None,
+                {"Retry-After": "1", "Connection": "close"},
+            )
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.api_key is not None:  # every POST route reranks: no key, no body read
@@ -110,7 +127,7 @@ async def _reply(
     status: int,
     message: str,
     error_type: str,
-    field: str,
+    field: str | None,
     headers: dict[str, str] | None = None,
 ) -> None:
     response = error_response(status, message, error_type, field, headers)

@@ -17,10 +17,22 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field
+from pydantic_core import PydanticCustomError
 
 from ..errors import InvalidRequestError
 from ..settings import Settings
 from ..types import LongDocMode, LongDocPolicy
+
+
+def _not_bool(value: Any) -> Any:
+    """Counts refuse true/false (lax int validation would read them as 1/0)."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("int_type", "Input should be a valid integer, not a boolean")
+    return value
+
+
+# Counts refuse true / false, which lax integer validation would read as 1 / 0.
+NotBool = BeforeValidator(_not_bool)
 
 
 def _lower(value: Any) -> Any:
@@ -39,6 +51,7 @@ LongDocuments = Annotated[
 ]
 MaxChunksPerDoc = Annotated[
     int | None,
+    NotBool,
     Field(
         None,
         ge=1,
@@ -48,6 +61,7 @@ MaxChunksPerDoc = Annotated[
 ]
 MaxTokensPerDoc = Annotated[
     int | None,
+    NotBool,
     Field(
         None,
         ge=1,

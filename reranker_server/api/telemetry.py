@@ -1,6 +1,7 @@
 """ASGI middleware: request id, timing headers, Prometheus metrics and one log line per request.
 
-- `X-Request-ID`: a sane incoming value is kept, else one is generated; either way it is echoed.
+- `X-Request-ID`: a sane incoming value is kept, else one is generated; either way it is echoed,
+  on every answer (an unexpected error's 500 is answered here, its traceback logged once).
 - `X-Process-Time` (seconds to the response head) and `Server-Timing` (queue wait and each stage,
   in ms) on every response.
 - Cache opt-out per request: `Cache-Control: no-cache` / `no-store` or `X-Reranker-Cache: off`.
@@ -26,8 +27,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..engine.trace import RequestTrace, current_trace
 from ..metrics import Metrics
+from .errors import error_response
 
 access_logger = logging.getLogger("reranker_server.access")
+error_logger = logging.getLogger("reranker_server.api.errors")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 _QUIET_DIALECTS = ("health", "metrics")
@@ -107,11 +110,13 @@ class RequestTelemetry:
         trace = RequestTrace(use_cache=cache_wanted(headers))
         token = current_trace.set(trace)
         status = 500
+        started = False
 
         async def send_with_headers(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                started = True
                 extra = [
                     (b"x-request-id", rid.encode("latin-1")),
                     (b"x-process-time", f"{time.perf_counter() - started:.6f}".encode()),
@@ -124,6 +129,16 @@ class RequestTelemetry:
 
         try:
             await self.app(scope, receive, send_with_headers)
+        except Exception:
+            # The one traceback of an unexpected error; answered here, not by Starlette or
+            # uvicorn (which would log it again and send a 500 without X-Request-ID).
+            error_logger.error(
+                "unhandled error", exc_info=True, extra={"fields": {"request_id": rid}}
+            )
+            if not started:
+                response = error_response(500, "internal server error", "internal_error")
+                await response(scope, receive, send_with_headers)
+            # else the answer was cut short: uvicorn closes the connection
         finally:
             current_trace.reset(token)
             seconds = time.perf_counter() - started
