@@ -110,13 +110,13 @@ class RequestTelemetry:
         trace = RequestTrace(use_cache=cache_wanted(headers))
         token = current_trace.set(trace)
         status = 500
-        started = False
+        answered = False
 
         async def send_with_headers(message: Message) -> None:
-            nonlocal status, started
+            nonlocal status, answered
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                started = True
+                answered = True
                 extra = [
                     (b"x-request-id", rid.encode("latin-1")),
                     (b"x-process-time", f"{time.perf_counter() - started:.6f}".encode()),
@@ -135,7 +135,7 @@ class RequestTelemetry:
             error_logger.error(
                 "unhandled error", exc_info=True, extra={"fields": {"request_id": rid}}
             )
-            if not started:
+            if not answered:
                 response = error_response(500, "internal server error", "internal_error")
                 await response(scope, receive, send_with_headers)
             # else the answer was cut short: uvicorn closes the connection
