@@ -50,21 +50,17 @@ LongDocuments = Annotated[
     ),
 ]
 MaxChunksPerDoc = Annotated[
-    int | None,
-    NotBool,
+    Annotated[int, NotBool, Field(ge=1)] | None,
     Field(
         None,
-        ge=1,
         description="Chunk long documents into at most this many windows each (Cohere v1). "
         "documents x max_chunks_per_doc must stay within the server's max_windows_per_request.",
     ),
 ]
 MaxTokensPerDoc = Annotated[
-    int | None,
-    NotBool,
+    Annotated[int, NotBool, Field(ge=1)] | None,
     Field(
         None,
-        ge=1,
         description="Score only a document's first this many tokens, in windows when they do not "
         "fit beside the query (Cohere v2, vLLM).",
     ),

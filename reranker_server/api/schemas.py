@@ -181,11 +181,9 @@ Texts = Annotated[
 
 # Counts and flags as sloppy clients send them: null = default, "3" = 3, "true" = true.
 TopN = Annotated[
-    int | None,
-    NotBool,
+    Annotated[int, NotBool, Field(ge=0)] | None,
     Field(
         None,
-        ge=0,
         description="How many results to return; null, 0 or missing = all; more than the "
         "documents = all.",
     ),
