@@ -107,6 +107,7 @@ class RequestGuard:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        del chunks  # one copy of the body while the request runs, not two
         sent = False
 
         async def replay() -> Message:
