@@ -198,6 +198,9 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=10.0, help="seconds to watch afterwards")
     parser.add_argument("--source", type=Path, help="run the server from this checkout")
     parser.add_argument("--label", default="", help="printed in the table's title")
+    parser.add_argument(
+        "--request-timeout", type=float, default=900, help="the server's request_timeout_s"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -218,6 +221,7 @@ def main() -> None:
             RERANKER_OFFLINE="true",
             RERANKER_DEVICE="cpu",
             RERANKER_LOG_LEVEL="warning",
+            RERANKER_REQUEST_TIMEOUT_S=str(args.request_timeout),
             HF_HUB_OFFLINE="1",
         )
         if args.source is not None:

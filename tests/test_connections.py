@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from reranker_server.app import create_app
-from reranker_server.server import uvicorn_options
+from reranker_server.server import HttpProtocol, uvicorn_options
 from reranker_server.settings import Settings
 
 from .conftest import running
@@ -164,3 +164,23 @@ def test_past_max_connections_a_rerank_request_gets_a_json_503(
                 break
             time.sleep(0.1)
         assert again.status_code == 200
+
+
+def test_uvicorns_own_cli_gets_the_limits_from_the_environment(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`uvicorn reranker_server:app --http reranker_server.server:HttpProtocol` (the quick start
+    plus one flag): the protocol, named by its import string, reads RERANKER_* itself."""
+    monkeypatch.setattr(HttpProtocol, "limits", None)  # not read yet in this process
+    monkeypatch.setenv("RERANKER_HEADER_TIMEOUT_S", "0.5")
+    app = create_app(make_settings())
+    with running(app, http="reranker_server.server:HttpProtocol") as url:
+        sock = connect(url)
+        sock.sendall(b"POST /rerank HTTP/1.1\r\n")
+        assert closed_by_server(sock)
+        upgrade = {"Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c", "HTTP2-Settings": ""}
+        response = httpx.post(
+            f"{url}/rerank", content=RERANK, headers={**upgrade, "Content-Type": "application/json"}
+        )
+        assert response.status_code == 200
+    assert HttpProtocol.limits is not None and HttpProtocol.limits.header_timeout_s == 0.5
