@@ -197,6 +197,7 @@ def _serve(settings: Settings) -> int:
     import uvicorn
 
     from .app import create_app
+    from .server import uvicorn_options
 
     # uvicorn re-raises the signal that stopped it once it has shut down; with these no-op
     # handlers in place that ends the process with status 0 instead of "killed by SIGTERM".
@@ -210,6 +211,7 @@ def _serve(settings: Settings) -> int:
         log_config=None,  # uvicorn's lines go through our handler (JSON or text)
         access_log=False,  # the app logs each request itself (api/telemetry.py)
         timeout_graceful_shutdown=30,
+        **uvicorn_options(settings),  # connection limits (server.py)
     )
     return 0
 

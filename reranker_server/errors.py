@@ -94,6 +94,16 @@ class OverloadedError(RerankerError):
         self.retry_after_s = retry_after_s
 
 
+class TooManyConnectionsError(RerankerError):
+    """More connections are open than `max_connections`; the client should retry later."""
+
+    error_type = "too_many_connections"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class RequestTimeoutError(RerankerError):
     """The request waited plus ran longer than the server's timeout."""
 

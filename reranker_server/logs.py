@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from datetime import UTC, datetime
 from typing import Any
 
@@ -55,10 +57,30 @@ class TextFormatter(logging.Formatter):
 
 def configure_logging(level: str, log_format: str = "text") -> None:
     """Log lines on stderr, JSON or plain text, unless the host program already configured
-    logging (then its handlers decide the format)."""
+    logging (then its handlers decide the format). JSON mode also keeps other lines out of the
+    log: no progress bars, Python warnings as log records."""
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
         root.addHandler(handler)
     logging.getLogger("reranker_server").setLevel(level.upper())
+    if log_format == "json":
+        disable_progress_bars()
+        logging.captureWarnings(True)
+
+
+def disable_progress_bars() -> None:
+    """No tqdm bars (transformers draws "Loading weights" bars when stage 2 loads): through the
+    environment, read when huggingface_hub / transformers / tqdm are imported, and through their
+    switches when they already are."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars as hub_disable
+
+        hub_disable()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()

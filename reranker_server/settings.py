@@ -161,6 +161,28 @@ class Settings(BaseSettings):
         16 * 1024 * 1024, ge=1024, description="Largest request body accepted, in bytes."
     )
 
+    # --- connections (server.py: `reranker-server serve`, or uvicorn's --http option)
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A request's headers must arrive within this many seconds of the connection "
+        "opening (or of its first byte); else the connection is closed.",
+    )
+    body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="A request's body must arrive within this many seconds after its headers; "
+        "else the connection is closed.",
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="An idle kept-alive connection is closed after this many seconds."
+    )
+    max_connections: int = Field(
+        512,
+        ge=0,
+        description="Open connections beyond which rerank requests get a JSON 503 (0 = no cap).",
+    )
+
     max_batch_requests: int = Field(
         32, ge=1, description="Queries accepted in one POST /rerank/batch call."
     )

@@ -77,10 +77,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(app: Any) -> Iterator[str]:
-    """Serve `app` with a real uvicorn on 127.0.0.1; yields the base URL."""
+def running(app: Any, **options: Any) -> Iterator[str]:
+    """Serve `app` with a real uvicorn on 127.0.0.1; yields the base URL. `options` go to
+    uvicorn.Config (`**server.uvicorn_options(settings)`: the protocol `serve` runs)."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **options
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

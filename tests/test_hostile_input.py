@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from reranker_server.app import create_app
+from reranker_server.server import uvicorn_options
 from reranker_server.settings import Settings
 
 from .conftest import running
@@ -33,6 +34,14 @@ def body(**fields: object) -> bytes:
 
 def nested(depth: int) -> bytes:
     return b'{"query": "q", "documents": ' + b"[" * depth + b"]" * depth + b', "top_k": 1}'
+
+
+def deep_document(levels: int) -> dict[str, object]:
+    """An object document nesting `levels` objects (itself included)."""
+    document: dict[str, object] = {"text": "paris"}
+    for _ in range(levels - 1):
+        document = {"text": "paris", "more": document}
+    return document
 
 
 # (name, raw body, extra headers, expected status, expected error_type or None for 200)
@@ -82,6 +91,65 @@ CASES: list[tuple[str, bytes, dict[str, str], int, str | None]] = [
         422,
         "invalid_request",
     ),
+    (
+        "lone surrogate in a document",
+        b'{"query": "q", "documents": ["ok", "\\ud800 x"], "top_k": 2}',
+        {},
+        422,
+        "invalid_request",
+    ),
+    (
+        "lone surrogate in an object document, echoed",
+        b'{"query": "q", "documents": [{"text": "a", "meta": {"tag": "\\udfff"}}], '
+        b'"top_k": 1, "return_documents": true}',
+        {},
+        422,
+        "invalid_request",
+    ),
+    (
+        "lone surrogate in an object key",
+        b'{"query": "q", "documents": [{"text": "a", "k\\ud83d": 1}], "top_k": 1}',
+        {},
+        422,
+        "invalid_request",
+    ),
+    (
+        "lone surrogate in rank_fields",
+        b'{"query": "q", "documents": [{"text": "a"}], "top_k": 1, "rank_fields": ["t\\udc00"]}',
+        {},
+        422,
+        "invalid_request",
+    ),
+    (
+        "lone surrogate in TEI texts",
+        b'{"query": "q", "texts": ["a", "\\ud800"]}',
+        {},
+        422,
+        "invalid_request",
+    ),
+    (
+        "surrogate pair (valid emoji escape)",
+        b'{"query": "q \\ud83d\\ude00", "documents": ["\\ud83d\\ude00 paris"], "top_k": 1}',
+        {},
+        200,
+        None,
+    ),
+    (
+        "object document 300 levels deep, echoed",
+        body(documents=[deep_document(300)], return_documents=True),
+        {},
+        422,
+        "invalid_request",
+    ),
+    (
+        "object document 64 levels deep, echoed",
+        body(documents=[deep_document(64)], return_documents=True),
+        {},
+        200,
+        None,
+    ),
+    ("top_n true", body(top_k=None, top_n=True), {}, 422, "invalid_request"),
+    ("max_chunks_per_doc true", body(max_chunks_per_doc=True), {}, 422, "invalid_request"),
     ("emoji", body(query="🇫🇷 capital? 🤔", documents=["Paris 🗼🥖", "👍" * 500]), {}, 200, None),
     (
         "RTL text",
@@ -136,7 +204,7 @@ def hostile_server(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> Ite
         cpu_threads=1,
         max_body_bytes=8 * MB,
     )
-    with running(create_app(settings)) as url:
+    with running(create_app(settings), **uvicorn_options(settings)) as url:
         yield url
 
 
@@ -174,4 +242,75 @@ def test_hostile_body(
 
 
 def test_catalogue_is_broad() -> None:
-    assert len(CASES) >= 18
+    assert len(CASES) >= 28
+
+
+SURROGATE = "\ud800"  # a lone UTF-16 surrogate: JSON can carry it, UTF-8 cannot
+
+# (route, body with a lone surrogate or a boolean count somewhere, the field the 422 must name)
+FIELD_CASES: list[tuple[str, dict[str, object], str]] = [
+    ("/rerank", {"query": "q", "documents": ["a", SURROGATE], "top_k": 1}, "documents[1]"),
+    ("/rerank", {"query": "q", "texts": ["a", SURROGATE]}, "texts[1]"),
+    ("/rerank", {"query": "q" + SURROGATE, "documents": ["a"], "top_k": 1}, "query"),
+    ("/rerank", {"query": "q", "documents": ["a"], "top_n": False}, "top_n"),
+    ("/v1/rerank", {"query": "q", "documents": [{"text": SURROGATE}]}, "documents[0]"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": True}, "top_n"),
+    (
+        "/v2/rerank",
+        {"query": "q", "documents": [{"text": "a", "x": [SURROGATE]}], "return_documents": True},
+        "documents[0]",
+    ),
+    (
+        "/v2/rerank",
+        {"query": "q", "documents": ["a"], "max_tokens_per_doc": True},
+        "max_tokens_per_doc",
+    ),
+    (
+        "/v2/rerank",
+        {"query": "q", "documents": [{"t": "a"}], "rank_fields": ["t", SURROGATE]},
+        "rank_fields[1]",
+    ),
+    (
+        "/rerank/batch",
+        {
+            "requests": [
+                {"query": "q", "documents": ["a"], "top_k": 1},
+                {"query": "q", "documents": ["b", "c" + SURROGATE], "top_k": 1},
+            ]
+        },
+        "requests[1].documents[1]",
+    ),
+    (
+        "/rerank/batch",
+        {"requests": [{"query": "q", "documents": [deep_document(100)], "top_k": 1}]},
+        "requests[0].documents[0]",
+    ),
+]
+
+
+@pytest.mark.parametrize(("route", "payload", "field"), FIELD_CASES)
+def test_every_route_names_the_field(
+    hostile_server: str, route: str, payload: dict[str, object], field: str
+) -> None:
+    # json.dumps writes a lone surrogate as the escape \ud800, as a client's JSON library would
+    response = httpx.post(f"{hostile_server}{route}", content=json.dumps(payload), timeout=30)
+    assert response.status_code == 422, response.text[:300]
+    assert response.json()["field"] == field
+    assert response.json()["error_type"] == "invalid_request"
+
+
+def test_an_h2c_upgrade_header_is_ignored_and_the_body_read(hostile_server: str) -> None:
+    """`curl --http2` on a plain-HTTP URL asks to upgrade; the answer is HTTP/1.1 with the body
+    read (stock uvicorn + httptools drops it: a 422 "body: Field required")."""
+    upgrade = {
+        "Connection": "Upgrade, HTTP2-Settings",
+        "Upgrade": "h2c",
+        "HTTP2-Settings": "AAMAAABkAAQCAAAAAAIAAAAA",
+        "Content-Type": "application/json",
+    }
+    with httpx.Client(base_url=hostile_server, timeout=30) as client:
+        for query in ("capital of france", "capital of germany"):  # twice on one connection
+            response = client.post("/rerank", content=body(query=query), headers=upgrade)
+            assert response.status_code == 200, response.text[:300]
+            assert response.http_version == "HTTP/1.1"
+            assert len(response.json()["results"]) == 2

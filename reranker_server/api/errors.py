@@ -3,7 +3,8 @@ through `STATUS_BY_ERROR`, and every error body from `error_response`.
 
 Body: `{"error": message, "error_type": kind, "field": name or null, "detail": message}` -- TEI's
 shape, plus the field, plus `detail`, which Jina-style clients read. Unknown exceptions answer a
-generic 500; the traceback goes to the log, never to the client.
+generic 500 (api/telemetry.py answers it, so that it carries X-Request-ID); the traceback goes to
+the log once, never to the client.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ..errors import (
     RequestTimeoutError,
     RerankerError,
     RouteNotFoundError,
+    TooManyConnectionsError,
     UnauthorizedError,
     UnsupportedMediaTypeError,
 )
@@ -52,6 +54,7 @@ STATUS_BY_ERROR: dict[type[RerankerError], int] = {
     InferenceError: 500,
     RerankerError: 500,  # anything else of ours, and unexpected exceptions
     RequestTimeoutError: 503,
+    TooManyConnectionsError: 503,
     NotReadyError: 503,
     ModelLoadError: 503,
 }
@@ -124,8 +127,11 @@ def from_http(exc: StarletteHTTPException) -> RerankerError:
 
 async def _on_reranker_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RerankerError)
-    if status_of(exc) >= 500:
+    status = status_of(exc)
+    if status == 500:
         logger.error("%s: %s", exc.error_type, exc, exc_info=exc.__cause__ is not None)
+    elif status == 503:  # an expected outcome under load (timeout) or while loading
+        logger.warning("%s: %s", exc.error_type, exc)
     return error_response(exc)
 
 
@@ -142,13 +148,7 @@ async def _on_http_error(_request: Request, exc: Exception) -> JSONResponse:
     return response
 
 
-async def _on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
-    logger.error("unhandled error", exc_info=exc)
-    return error_response(RerankerError("internal server error"))
-
-
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RerankerError, _on_reranker_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
-    app.add_exception_handler(Exception, _on_unexpected)

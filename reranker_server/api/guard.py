@@ -2,6 +2,8 @@
 
 - With an API key set, a POST without the right bearer token gets 401 before its body is read.
 - A body over `max_body_bytes` gets 413 (from Content-Length at once, else while reading).
+- Beyond `max_connections` open connections (server.HttpProtocol marks the request), a POST gets
+  a JSON 503 with `Retry-After` and `Connection: close`.
 - A POST whose Content-Type is not JSON gets 415 (a missing Content-Type is read as JSON), and so
   does a compressed body (Content-Encoding other than identity: nothing is ever inflated).
 """
@@ -13,11 +15,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..errors import (
     PayloadTooLargeError,
     RerankerError,
+    TooManyConnectionsError,
     UnauthorizedError,
     UnsupportedMediaTypeError,
 )
 from .auth import bearer_token, key_matches
 from .errors import error_response
+
+# ASGI scope extension server.HttpProtocol sets on a request that arrived beyond
+# `max_connections` open connections (value: the cap); rerank requests then get a JSON 503.
+OVER_CONNECTION_CAP = "reranker.over_connection_cap"
 
 
 def _is_json(content_type: str) -> bool:
@@ -36,6 +43,16 @@ class RequestGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
+            return
+        cap = scope.get("extensions", {}).get(OVER_CONNECTION_CAP)
+        if cap is not None:  # marked by server.HttpProtocol
+            await _reply(
+                send,
+                TooManyConnectionsError(
+                    f"too many open connections: the limit is {cap} (max_connections); retry later"
+                ),
+                close=True,
+            )
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.api_key is not None:  # every POST route reranks: no key, no body read
@@ -96,6 +113,7 @@ class RequestGuard:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        del chunks  # one copy of the body while the request runs, not two
         sent = False
 
         async def replay() -> Message:
@@ -114,8 +132,11 @@ class RequestGuard:
         )
 
 
-async def _reply(send: Send, error: RerankerError) -> None:
-    await error_response(error)({"type": "http"}, _no_receive, send)
+async def _reply(send: Send, error: RerankerError, close: bool = False) -> None:
+    response = error_response(error)
+    if close:
+        response.headers["Connection"] = "close"
+    await response({"type": "http"}, _no_receive, send)
 
 
 async def _no_receive() -> Message:

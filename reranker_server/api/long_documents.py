@@ -17,10 +17,22 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field
+from pydantic_core import PydanticCustomError
 
 from ..errors import InvalidRequestError
 from ..settings import Settings
 from ..types import LongDocMode, LongDocPolicy
+
+
+def _not_bool(value: Any) -> Any:
+    """Counts refuse true/false (lax int validation would read them as 1/0)."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("int_type", "Input should be a valid integer, not a boolean")
+    return value
+
+
+# Counts refuse true / false, which lax integer validation would read as 1 / 0.
+NotBool = BeforeValidator(_not_bool)
 
 
 def _lower(value: Any) -> Any:
@@ -38,19 +50,17 @@ LongDocuments = Annotated[
     ),
 ]
 MaxChunksPerDoc = Annotated[
-    int | None,
+    Annotated[int, NotBool, Field(ge=1)] | None,
     Field(
         None,
-        ge=1,
         description="Chunk long documents into at most this many windows each (Cohere v1). "
         "documents x max_chunks_per_doc must stay within the server's max_windows_per_request.",
     ),
 ]
 MaxTokensPerDoc = Annotated[
-    int | None,
+    Annotated[int, NotBool, Field(ge=1)] | None,
     Field(
         None,
-        ge=1,
         description="Score only a document's first this many tokens, in windows when they do not "
         "fit beside the query (Cohere v2, vLLM).",
     ),

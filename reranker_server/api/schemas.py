@@ -3,9 +3,11 @@ shares (what /docs shows). Cohere's, TEI's and the batch models live in their di
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -17,7 +19,13 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from .long_documents import LongDocuments, MaxChunksPerDoc, MaxTokensPerDoc, TruncationDirection
+from .long_documents import (
+    LongDocuments,
+    MaxChunksPerDoc,
+    MaxTokensPerDoc,
+    NotBool,
+    TruncationDirection,
+)
 
 # Tags of the request shapes `POST /rerank` accepts; validation errors leave them out of the field.
 NATIVE_SHAPE = "native"
@@ -25,12 +33,104 @@ TEI_SHAPE = "tei"
 BODY_SHAPE_TAGS = frozenset({NATIVE_SHAPE, TEI_SHAPE})
 
 
+# Object documents nested deeper than this are refused (they would fail when echoed back).
+MAX_DOCUMENT_DEPTH = 64
+
+
+def unencodable(text: str) -> str | None:
+    """None for text that is valid Unicode; else where it is not (a lone UTF-16 surrogate, which
+    JSON's \\uXXXX escapes can carry, but neither UTF-8 nor a tokenizer can)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"a lone UTF-16 surrogate (\\u{ord(text[exc.start]):04x}) at character {exc.start}"
+    return None
+
+
+def _unicode_error(problem: str, where: str = "") -> PydanticCustomError:
+    return PydanticCustomError(
+        "string_unicode",
+        "Input should be valid Unicode text; it has {problem}{where} (replace or remove it)",
+        {"problem": problem, "where": f" in {where}" if where else ""},
+    )
+
+
+def _unicode_text(value: str) -> str:
+    problem = unencodable(value)
+    if problem is not None:
+        raise _unicode_error(problem)
+    return value
+
+
+def _check_object(document: dict[str, Any]) -> None:
+    """Every key and string in an object document is valid Unicode, and it nests at most
+    MAX_DOCUMENT_DEPTH levels of objects and arrays.
+
+    Depth first, without recursion, holding one iterator per level: this runs on the event loop
+    over whatever a 16 MB body holds (millions of values), so it stays lean; the path that names
+    the place (`meta.tags[1]`) is only worked out for an error."""
+    levels: list[tuple[Any, Iterator[Any]]] = []
+
+    def enter(container: dict[str, Any] | list[Any]) -> None:
+        if type(container) is dict:
+            for key in container:
+                if (problem := unencodable(key)) is not None:
+                    where = ".".join(filter(None, (_path(levels, container), ascii(key))))
+                    raise _unicode_error(problem, f"the key {where}")
+            levels.append((container, iter(container.values())))
+        else:
+            levels.append((container, iter(container)))
+
+    enter(document)
+    while levels:
+        for item in levels[-1][1]:
+            kind = type(item)
+            if kind is str:
+                if (problem := unencodable(item)) is not None:
+                    raise _unicode_error(problem, _path(levels, item))
+            elif kind is dict or kind is list:
+                if len(levels) >= MAX_DOCUMENT_DEPTH:
+                    raise PydanticCustomError(
+                        "document_depth",
+                        "Object documents may nest at most {limit} levels of objects and arrays; "
+                        "this one nests deeper ({path})",
+                        {"limit": MAX_DOCUMENT_DEPTH, "path": _path(levels, item)},
+                    )
+                enter(item)
+                break
+        else:
+            levels.pop()
+
+
+def _path(levels: Sequence[tuple[Any, Any]], item: object) -> str:
+    """Where `item` sits: each level's container holds the next level's, the last one `item`."""
+    if not levels:  # the document itself
+        return ""
+    children = [container for container, _ in levels[1:]] + [item]
+    parts = []
+    for (container, _), child in zip(levels, children, strict=True):
+        if type(container) is dict:
+            key = next(k for k, v in container.items() if v is child)
+            parts.append("." + (key if unencodable(key) is None else ascii(key)))
+        else:
+            parts.append(f"[{next(i for i, v in enumerate(container) if v is child)}]")
+    path = "".join(parts).lstrip(".")
+    return path if len(path) < 60 else path[:57] + "..."
+
+
 def _document(value: Any) -> str | dict[str, Any]:
-    if isinstance(value, str | dict):
+    if isinstance(value, str):
+        return _unicode_text(value)
+    if isinstance(value, dict):
+        _check_object(value)
         return value
     raise PydanticCustomError(
         "document_type", 'Input should be a string or an object with a "text" field'
     )
+
+
+# Text read from a request: refuses lone surrogates with a 422 naming the field.
+UnicodeStr = Annotated[str, AfterValidator(_unicode_text)]
 
 
 # A passage: a string, or an object whose `text` (or `rank_fields`) is ranked.
@@ -75,14 +175,15 @@ def fail_fast(*allowed: type, what: str) -> BeforeValidator:
 
 # A list of passages, checked item by item before pydantic's per-item validation.
 Documents = Annotated[list[Document], fail_fast(str, dict, what="a string or an object")]
-Texts = Annotated[list[StrictStr], fail_fast(str, what="a string")]
+Texts = Annotated[
+    list[Annotated[StrictStr, AfterValidator(_unicode_text)]], fail_fast(str, what="a string")
+]
 
 # Counts and flags as sloppy clients send them: null = default, "3" = 3, "true" = true.
 TopN = Annotated[
-    int | None,
+    Annotated[int, NotBool, Field(ge=0)] | None,
     Field(
         None,
-        ge=0,
         description="How many results to return; null, 0 or missing = all; more than the "
         "documents = all.",
     ),
@@ -95,7 +196,7 @@ ReturnDocuments = Annotated[
     ),
 ]
 RankFields = Annotated[
-    list[str] | None,
+    list[UnicodeStr] | None,
     Field(
         None,
         description='Keys of object documents to rank on (default ["text"]); several are '
@@ -103,7 +204,7 @@ RankFields = Annotated[
     ),
 ]
 ModelName = Annotated[
-    str | None,
+    UnicodeStr | None,
     Field(None, description="Any name by default; the answer names the model that served it."),
 ]
 

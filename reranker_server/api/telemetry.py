@@ -1,6 +1,7 @@
 """ASGI middleware: request id, timing headers, Prometheus metrics and one log line per request.
 
-- `X-Request-ID`: a sane incoming value is kept, else one is generated; either way it is echoed.
+- `X-Request-ID`: a sane incoming value is kept, else one is generated; either way it is echoed,
+  on every answer (an unexpected error's 500 is answered here, its traceback logged once).
 - `X-Process-Time` (seconds to the response head) and `Server-Timing` (queue wait and each stage,
   in ms) on every response.
 - Cache opt-out per request: `Cache-Control: no-cache` / `no-store` or `X-Reranker-Cache: off`.
@@ -8,6 +9,9 @@
   DEBUG, the rest at INFO) with the route, status, documents, tokens, top_k, cascade, backend,
   plan (and why), stage timings, cache hits and the client address. Query and document text only
   with `log_payloads`.
+
+After a request with a body of 1 MiB or more, malloc's free memory is returned to the system
+(memory.py), so that one big request does not leave the RSS up.
 
 It works for every dialect without their help: the route's outcome arrives through the request's
 `RequestTrace` (engine/trace.py).
@@ -26,9 +30,13 @@ from starlette.routing import BaseRoute, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..engine.trace import RequestTrace, current_trace
+from ..errors import RerankerError
+from ..memory import MemoryTrimmer
 from ..metrics import Metrics
+from .errors import error_response
 
 access_logger = logging.getLogger("reranker_server.access")
+error_logger = logging.getLogger("reranker_server.api.errors")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 _QUIET_DIALECTS = ("health", "metrics")
@@ -98,6 +106,7 @@ class RequestTelemetry:
         self.routes = routes
         self.log_payloads = log_payloads
         self._table: list[tuple[re.Pattern[str], str, str]] | None = None
+        self.trimmer = MemoryTrimmer()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -109,11 +118,20 @@ class RequestTelemetry:
         trace = RequestTrace(use_cache=cache_wanted(headers))
         token = current_trace.set(trace)
         status = 500
+        answered = False
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            return message
 
         async def send_with_headers(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                answered = True
                 extra = [
                     (b"x-request-id", rid.encode("latin-1")),
                     (b"x-process-time", f"{time.perf_counter() - started:.6f}".encode()),
@@ -125,7 +143,17 @@ class RequestTelemetry:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_headers)
+            await self.app(scope, counting_receive, send_with_headers)
+        except Exception:
+            # The one traceback of an unexpected error; answered here, not by Starlette or
+            # uvicorn (which would log it again and send a 500 without X-Request-ID).
+            error_logger.error(
+                "unhandled error", exc_info=True, extra={"fields": {"request_id": rid}}
+            )
+            if not answered:
+                response = error_response(RerankerError("internal server error"))
+                await response(scope, receive, send_with_headers)
+            # else the answer was cut short: uvicorn closes the connection
         finally:
             current_trace.reset(token)
             seconds = time.perf_counter() - started
@@ -133,6 +161,7 @@ class RequestTelemetry:
             dialect = trace.dialect or dialect
             self.metrics.observe_request(route, dialect, status, seconds, trace)
             self._log(scope, rid, route, dialect, status, seconds, trace)
+            self.trimmer.after_request(received)  # a big body: give the memory back
 
     def _route(self, scope: Scope) -> tuple[str, str]:
         """Route template and dialect (the api module that owns the route); bounded values."""

@@ -13,19 +13,30 @@ Windows are substrings of the document cut at word boundaries, so tokenizing a w
 exactly its tokens: the runners keep their contract (query + texts -> scores), the score cache keys
 on the window text, and a stage-2 model with the same vocabulary sees the same window. A query
 longer than `max_query_tokens` is cut to that many tokens; the document gets the rest.
+
+Memory: only text the windows can reach is tokenized. A policy decides from a document's first
+`needed_tokens` tokens (its last ones with keep="end"), so a long document is tokenized from a
+prefix of characters (`prefix_chars`), minus the word the cut may have split; when that gives too
+few whole-word tokens (dense text, long words), from a four times longer prefix, up to the whole
+document. Documents go through the tokenizer `GROUP` at a time. A request of 1,000 documents of
+16,000 one-token characters thus holds ~64 x 4,000 token offsets at once, not 16 million
+(bench/memory.py).
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import InvalidRequestError
-from ..types import LongDocPolicy, TextTokens
+from ..types import KeepSide, LongDocPolicy, TextTokens
 
 Span = tuple[int, int]
+
+GROUP = 64  # documents tokenized together (bounds the token arrays alive at once)
+CHARS_PER_TOKEN = 8  # first guess of the characters that hold a token (English: 4-7)
 
 
 class TextEncoder(Protocol):
@@ -91,9 +102,8 @@ class Windower:
         spans: list[Span | None] = []
         windows_of: list[list[int]] = []
         pair_tokens: list[int] = []
-        for index, (doc, tokens) in enumerate(
-            zip(documents, self.encoder.encode_texts(documents), strict=True)
-        ):
+        needed = needed_tokens(policy, budget)
+        for index, (doc, tokens) in enumerate(self._tokenized(documents, needed, policy.keep)):
             ranges = token_windows(tokens.words, budget, self.overlap_tokens, policy)
             mine = list(range(len(texts), len(texts) + max(1, len(ranges or ()))))
             if len(texts) + len(mine) > policy.max_windows:
@@ -113,6 +123,41 @@ class Windower:
                 pair_tokens.append(overhead + end - start)
         return WindowPlan(query, texts, owners, spans, windows_of, pair_tokens)
 
+    def _tokenized(
+        self, documents: Sequence[str], needed: int, keep: KeepSide
+    ) -> Iterator[tuple[str, TextTokens]]:
+        """Each document with the tokens `token_windows` needs, in order, GROUP at a time: all of
+        a short document's; of a long one, more than `needed` whole-word tokens from its start
+        (keep="end": its end), with character spans in the document."""
+        for first in range(0, len(documents), GROUP):
+            group = documents[first : first + GROUP]
+            found: list[TextTokens | None] = [None] * len(group)
+            chars = prefix_chars(needed)
+            todo = list(range(len(group)))
+            while todo:
+                whole = [i for i in todo if len(group[i]) <= chars]
+                if whole:
+                    encoded = self.encoder.encode_texts([group[i] for i in whole])
+                    for i, all_tokens in zip(whole, encoded, strict=True):
+                        found[i] = all_tokens
+                parts = [i for i in todo if len(group[i]) > chars]
+                cut = [group[i][:chars] if keep == "start" else group[i][-chars:] for i in parts]
+                retry = []
+                for i, some in zip(
+                    parts, self.encoder.encode_texts(cut) if cut else [], strict=True
+                ):
+                    shift = 0 if keep == "start" else len(group[i]) - chars
+                    usable = _whole_words(some, keep, shift)
+                    if len(usable.words) > needed:
+                        found[i] = usable
+                    else:  # too few tokens in that many characters: a longer cut
+                        retry.append(i)
+                todo = retry
+                chars *= 4
+            for doc, tokens in zip(group, found, strict=True):
+                assert tokens is not None  # every document was tokenized whole, or enough of it
+                yield doc, tokens
+
     def _capped_query(self, query: str, tokens: TextTokens) -> tuple[str, int]:
         """The query, cut to `max_query_tokens` at a word boundary when longer; its length."""
         length = len(tokens.words)
@@ -121,6 +166,45 @@ class Windower:
         cuts = word_cuts(tokens.words)
         end = _floor(cuts, self.max_query_tokens, 0) or self.max_query_tokens
         return query[: tokens.spans[end - 1][1]], end
+
+
+def needed_tokens(policy: LongDocPolicy, budget: int) -> int:
+    """How many of a document's first tokens (last ones with keep="end") decide its windows, when
+    it has more: truncate reads one window of at most `budget` (and `max_tokens`); chunk reads at
+    most `max_chunks` windows (each starts inside the one before), or, with `max_tokens`, up to
+    the last word boundary within it."""
+    if policy.mode == "truncate":
+        return min(budget, policy.max_tokens or budget)
+    return policy.max_tokens or budget * policy.max_chunks
+
+
+def prefix_chars(tokens: int) -> int:
+    """A first guess of the characters that hold `tokens` tokens and a word more."""
+    return tokens * CHARS_PER_TOKEN + 256
+
+
+def _whole_words(tokens: TextTokens, keep: KeepSide, shift: int) -> TextTokens:
+    """The tokens of a cut-off text without the word at the cut (the text's last word; its first
+    with keep="end"), spans moved by `shift` characters (where the cut-off text began)."""
+    words = tokens.words
+    if not words:
+        return tokens
+    if keep == "start":
+        edge = words[-1]
+        end = len(words)
+        while end > 0 and words[end - 1] == edge:
+            end -= 1
+        kept = range(0, end if edge is not None else len(words) - 1)
+    else:
+        edge = words[0]
+        start = 0
+        while start < len(words) and words[start] == edge:
+            start += 1
+        kept = range(start if edge is not None else 1, len(words))
+    return TextTokens(
+        [(a + shift, b + shift) for a, b in tokens.spans[kept.start : kept.stop]],
+        list(words[kept.start : kept.stop]),
+    )
 
 
 def _too_many_windows(

@@ -1,0 +1,159 @@
+"""uvicorn's HTTP/1.1 protocol with the connection limits a public server needs.
+
+`HttpProtocol` is uvicorn's h11 protocol plus:
+
+- **header timeout**: a request's headers must arrive within `header_timeout_s` of the connection
+  opening (or of the request's first byte on a kept-alive connection); else the connection is
+  closed. Stock uvicorn waits forever for a connection that sends nothing or half a header.
+- **body timeout**: its body within `body_timeout_s` after the headers.
+- **keep-alive timeout**: an idle kept-alive connection closes after `keep_alive_timeout_s`
+  (uvicorn's own timer, set from the setting).
+- **connection cap**: beyond `max_connections` open connections a rerank request (a POST) is
+  answered with a JSON 503 (`Retry-After`, `Connection: close`) instead of uvicorn's plain-text
+  one; health and metrics stay answered (a liveness probe must not fail because of load).
+- **`Upgrade: h2c` ignored**: the request is read as HTTP/1.1, body included, as RFC 9110 allows.
+  This is why the base is h11: httptools (uvicorn's default when installed) stops parsing at an
+  upgrade request's headers and drops its body (uvicorn issue #2722, httptools issue #124).
+
+`reranker-server serve` uses it (`uvicorn_options`); with uvicorn's own CLI pass
+`--http reranker_server.server:HttpProtocol` (settings come from the `RERANKER_*` environment).
+All of it is event-loop timers and counters: a slow client costs a socket, never a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .api.guard import OVER_CONNECTION_CAP
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    keep_alive_timeout_s: float = 5.0
+    max_connections: int = 512  # 0: no cap
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConnectionLimits:
+        return cls(
+            header_timeout_s=settings.header_timeout_s,
+            body_timeout_s=settings.body_timeout_s,
+            keep_alive_timeout_s=settings.keep_alive_timeout_s,
+            max_connections=settings.max_connections,
+        )
+
+
+class HttpProtocol(H11Protocol):
+    """One HTTP/1.1 connection (see the module docstring). `limits` None: from the environment."""
+
+    limits: ClassVar[ConnectionLimits | None] = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        limits = type(self).limits
+        if limits is None:
+            limits = type(self).limits = ConnectionLimits.from_settings(Settings())
+        self._limits = limits
+        self.timeout_keep_alive = limits.keep_alive_timeout_s  # type: ignore[assignment]
+        self.limit_concurrency = None  # the cap is ours (a JSON 503), not uvicorn's plain text
+        self._real_app = self.app
+        self.app = self._app_or_busy
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._reading: str | None = None  # "headers", "body" or None: what the timer bounds
+
+    # --- read timeouts
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._arm("headers")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._arm(None)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._follow_request(data_arrived=True)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # arms uvicorn's keep-alive timer, runs a pipelined request
+        self._follow_request(data_arrived=False)
+
+    def _follow_request(self, data_arrived: bool) -> None:
+        """Point the read timer at what the client owes now: headers, a body, or nothing."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        state = self.conn.their_state
+        between_requests = self.cycle is None or self.cycle.response_complete
+        if state is h11.SEND_BODY:
+            self._arm("body")
+        elif state is h11.IDLE and between_requests:
+            started = data_arrived or bool(self.conn.trailing_data[0])
+            # a request has begun (bytes, no complete header yet); else the line is idle and
+            # uvicorn's keep-alive timer is in charge
+            self._arm("headers" if started or self._reading == "headers" else None)
+        else:
+            self._arm(None)  # the request is in; the answer is the server's business
+
+    def _arm(self, reading: str | None) -> None:
+        if self._reading == reading and self._read_timer is not None:
+            return
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+        self._reading = reading
+        if reading is not None:
+            seconds = (
+                self._limits.header_timeout_s
+                if reading == "headers"
+                else self._limits.body_timeout_s
+            )
+            self._read_timer = self.loop.call_later(seconds, self._read_timed_out)
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        if self.transport.is_closing():
+            return
+        logger.info(
+            "closed a connection that sent no complete request %s in time",
+            self._reading,
+            extra={"fields": {"client": self.client[0] if self.client else None}},
+        )
+        self.transport.close()
+
+    # --- upgrade: ignored, quietly (h11 reads the body; the request is served as HTTP/1.1)
+    def _unsupported_upgrade_warning(self) -> None:
+        logger.debug("ignored an Upgrade header; answering over HTTP/1.1")
+
+    # --- connection cap: marked here, answered by the app's guard (api/guard.py) so that the
+    # 503 is logged and counted like any answer
+    async def _app_or_busy(self, scope: Any, receive: Any, send: Any) -> None:
+        cap = self._limits.max_connections
+        if cap and len(self.connections) > cap:
+            extensions = {**scope.get("extensions", {}), OVER_CONNECTION_CAP: cap}
+            scope = {**scope, "extensions": extensions}
+        await self._real_app(scope, receive, send)
+
+
+def http_protocol(limits: ConnectionLimits) -> type[HttpProtocol]:
+    """`HttpProtocol` with these limits (for uvicorn.Config's `http=`)."""
+    return type("HttpProtocol", (HttpProtocol,), {"limits": limits})
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """The uvicorn.Config arguments that apply the connection settings."""
+    limits = ConnectionLimits.from_settings(settings)
+    return {
+        "http": http_protocol(limits),
+        "timeout_keep_alive": limits.keep_alive_timeout_s,
+        "limit_concurrency": None,
+    }
