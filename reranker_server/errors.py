@@ -111,6 +111,18 @@ class RequestCancelledError(RerankerError):
     error_type = "client_closed_request"
 
 
+class ShuttingDownError(RerankerError):
+    """The server is draining before it exits (SIGTERM): it admits no new work, and work still
+    running at the end of the drain timeout is cut off. Retry after `retry_after_s` (a load
+    balancer sends the retry to another replica)."""
+
+    error_type = "shutting_down"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class NotReadyError(RerankerError):
     """Models are not loaded (yet, or any more)."""
 

@@ -30,6 +30,7 @@ from ..errors import (
     RequestTimeoutError,
     RerankerError,
     RouteNotFoundError,
+    ShuttingDownError,
     UnauthorizedError,
     UnsupportedMediaTypeError,
 )
@@ -52,6 +53,7 @@ STATUS_BY_ERROR: dict[type[RerankerError], int] = {
     InferenceError: 500,
     RerankerError: 500,  # anything else of ours, and unexpected exceptions
     RequestTimeoutError: 503,
+    ShuttingDownError: 503,
     NotReadyError: 503,
     ModelLoadError: 503,
 }
@@ -72,6 +74,8 @@ def error_response(exc: RerankerError) -> JSONResponse:
         headers["Retry-After"] = str(retry_after)
     if isinstance(exc, UnauthorizedError):
         headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, ShuttingDownError):  # this process is going away: reconnect elsewhere
+        headers["Connection"] = "close"
     body = {
         "error": message,
         "error_type": exc.error_type,
@@ -124,7 +128,9 @@ def from_http(exc: StarletteHTTPException) -> RerankerError:
 
 async def _on_reranker_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RerankerError)
-    if status_of(exc) >= 500:
+    if isinstance(exc, ShuttingDownError):  # expected while draining: not an error
+        logger.info("%s: %s", exc.error_type, exc)
+    elif status_of(exc) >= 500:
         logger.error("%s: %s", exc.error_type, exc, exc_info=exc.__cause__ is not None)
     return error_response(exc)
 

@@ -108,11 +108,18 @@ class RequestTelemetry:
         trace = RequestTrace(use_cache=cache_wanted(headers))
         token = current_trace.set(trace)
         status = 500
+        answered = client_gone = False
+
+        async def receive_watching() -> Message:
+            nonlocal client_gone
+            message = await receive()
+            client_gone = client_gone or message["type"] == "http.disconnect"
+            return message
 
         async def send_with_headers(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
-                status = int(message["status"])
+                status, answered = int(message["status"]), True
                 extra = [
                     (b"x-request-id", rid.encode("latin-1")),
                     (b"x-process-time", f"{time.perf_counter() - started:.6f}".encode()),
@@ -124,9 +131,11 @@ class RequestTelemetry:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_headers)
+            await self.app(scope, receive_watching, send_with_headers)
         finally:
             current_trace.reset(token)
+            if client_gone and not answered:  # left before any answer (mid-body, say)
+                status = 499
             seconds = time.perf_counter() - started
             route, dialect = self._route(scope)
             dialect = trace.dialect or dialect

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..devices import GpuGate
-from ..errors import InferenceError, InvalidRequestError, RerankerError
+from ..errors import InferenceError, InvalidRequestError, RequestCancelledError, RerankerError
 from ..runners.base import Runner
 from ..types import (
     Backend,
@@ -134,6 +134,8 @@ class Engine:
     ) -> tuple[list[float], int]:
         """Scores of `texts` from `runner` (through the scheduler when there is one, in the
         job's place in line) and the tokens the model read."""
+        if job is not None and job.cancel is not None and job.cancel.cancelled:
+            raise RequestCancelledError(f"request cancelled: {job.cancel.reason}")
         pairs = [(query, t) for t in texts]
         scheduler = self.gpu_scheduler if role == "stage2_gpu" else self.scheduler
         if scheduler is None:  # the runner's own count of the tokens, as the scheduler's
@@ -164,7 +166,7 @@ class Engine:
         )
 
     def close(self) -> None:
-        """Stop the scheduler threads (queued work finishes first)."""
+        """Stop the scheduler threads (queued pairs are dropped; a running batch finishes)."""
         for scheduler in {self.scheduler, self.gpu_scheduler} - {None}:
             scheduler.close()  # type: ignore[union-attr]
 

@@ -158,6 +158,8 @@ class Scheduler:
         `cancel`: when to give up, see the module docstring."""
         if not pairs:
             return [], 0
+        if cancel is not None and cancel.cancelled:  # nobody waits: not even tokenized
+            raise RequestCancelledError(f"request cancelled: {cancel.reason}")
         if order is None:
             order = next_arrival()
         items = lane.runner.prepare(pairs)
@@ -265,9 +267,19 @@ class Scheduler:
                     ticket.done.set()
 
     def close(self) -> None:
-        """Finish queued work, then stop the workers."""
+        """Stop the workers: queued pairs are dropped (a caller still waiting gets
+        `RequestCancelledError`), a batch already running finishes."""
         with self._cond:
             self._closed = True
+            for queue in self._queues.values():
+                for entry in queue:
+                    ticket = entry.ticket
+                    if not ticket.done.is_set():
+                        self.dropped += ticket.remaining
+                        ticket.cancelled = True
+                        ticket.error = RequestCancelledError("the server is shutting down")
+                        ticket.done.set()
+                queue.clear()
             self._cond.notify_all()
         for thread in self._threads:
             thread.join(timeout=60)
