@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .types import Cancellation
 
 
 class RerankerError(Exception):
@@ -121,6 +125,13 @@ class ShuttingDownError(RerankerError):
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+def raise_if_cancelled(cancel: Cancellation | None) -> None:
+    """Raise `RequestCancelledError` when the request's handle is set (checked between steps of
+    the work, so a request nobody waits for stops at the next one)."""
+    if cancel is not None and cancel.cancelled:
+        raise RequestCancelledError(f"request cancelled: {cancel.reason}")
 
 
 class NotReadyError(RerankerError):

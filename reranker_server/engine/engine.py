@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..devices import GpuGate
-from ..errors import InferenceError, InvalidRequestError, RequestCancelledError, RerankerError
+from ..errors import InferenceError, InvalidRequestError, RerankerError, raise_if_cancelled
 from ..runners.base import Runner
 from ..types import (
     Backend,
@@ -134,8 +134,7 @@ class Engine:
     ) -> tuple[list[float], int]:
         """Scores of `texts` from `runner` (through the scheduler when there is one, in the
         job's place in line) and the tokens the model read."""
-        if job is not None and job.cancel is not None and job.cancel.cancelled:
-            raise RequestCancelledError(f"request cancelled: {job.cancel.reason}")
+        raise_if_cancelled(job.cancel if job else None)
         pairs = [(query, t) for t in texts]
         scheduler = self.gpu_scheduler if role == "stage2_gpu" else self.scheduler
         if scheduler is None:  # the runner's own count of the tokens, as the scheduler's
@@ -174,7 +173,9 @@ class Engine:
         """The job's best `min(top_k, len(texts))` documents, best first."""
         documents = job.texts
         plan = (
-            self.windows.plan(job.query, documents, job.policy or self.long_documents)
+            self.windows.plan(
+                job.query, documents, job.policy or self.long_documents, cancel=job.cancel
+            )
             if self.windows is not None and documents
             else WindowPlan.whole(job.query, documents)
         )

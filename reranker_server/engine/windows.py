@@ -22,10 +22,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..errors import InvalidRequestError
-from ..types import LongDocPolicy, TextTokens
+from ..errors import InvalidRequestError, raise_if_cancelled
+from ..types import Cancellation, LongDocPolicy, TextTokens
 
 Span = tuple[int, int]
+# Documents tokenized per call before the request's cancellation handle is looked at again.
+ENCODE_SLICE = 64
 
 
 class TextEncoder(Protocol):
@@ -80,8 +82,15 @@ class Windower:
         self.max_query_tokens = max(1, min(max_query_tokens, room - 1))
         self.overlap_tokens = max(0, overlap_tokens)
 
-    def plan(self, query: str, documents: Sequence[str], policy: LongDocPolicy) -> WindowPlan:
-        """The windows of `documents` under `policy`; InvalidRequestError past `max_windows`."""
+    def plan(
+        self,
+        query: str,
+        documents: Sequence[str],
+        policy: LongDocPolicy,
+        cancel: Cancellation | None = None,
+    ) -> WindowPlan:
+        """The windows of `documents` under `policy`; InvalidRequestError past `max_windows`,
+        RequestCancelledError once `cancel` is set."""
         (query_tokens,) = self.encoder.encode_texts([query])  # the query, once per request
         query, query_length = self._capped_query(query, query_tokens)
         overhead = query_length + self.encoder.pair_special_tokens
@@ -92,7 +101,7 @@ class Windower:
         windows_of: list[list[int]] = []
         pair_tokens: list[int] = []
         for index, (doc, tokens) in enumerate(
-            zip(documents, self.encoder.encode_texts(documents), strict=True)
+            zip(documents, self._encode(documents, cancel), strict=True)
         ):
             ranges = token_windows(tokens.words, budget, self.overlap_tokens, policy)
             mine = list(range(len(texts), len(texts) + max(1, len(ranges or ()))))
@@ -112,6 +121,14 @@ class Windower:
                 spans.append(chars)
                 pair_tokens.append(overhead + end - start)
         return WindowPlan(query, texts, owners, spans, windows_of, pair_tokens)
+
+    def _encode(self, texts: Sequence[str], cancel: Cancellation | None) -> list[TextTokens]:
+        """`encode_texts` a slice at a time, stopping when the request is cancelled."""
+        tokens: list[TextTokens] = []
+        for start in range(0, len(texts), ENCODE_SLICE):
+            raise_if_cancelled(cancel)
+            tokens += self.encoder.encode_texts(texts[start : start + ENCODE_SLICE])
+        return tokens
 
     def _capped_query(self, query: str, tokens: TextTokens) -> tuple[str, int]:
         """The query, cut to `max_query_tokens` at a word boundary when longer; its length."""
