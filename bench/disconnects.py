@@ -203,17 +203,17 @@ async def abandoned(
         deadline = time.monotonic() + probe_timeout_s
         while time.monotonic() < deadline:  # until the abandoned work is gone
             text = (await http.get("/metrics")).text
-            if metric(text, "reranker_busy_compute_threads") == 0 and (
-                metric(text, "reranker_queued_pairs") == 0
-            ):
+            busy = ("reranker_busy_compute_threads", "reranker_queued_pairs")
+            busy += ("reranker_in_flight_requests", "reranker_queue_depth_requests")
+            if not any(metric(text, name) for name in busy):
                 busy_after = time.monotonic() - gone
                 break
             await asyncio.sleep(0.1)
         await asyncio.sleep(0.5)  # the last abandoned handlers finish their bookkeeping
         text = (await http.get("/metrics")).text
-    route = path
-    statuses = {
-        status: metric(text, "reranker_requests_total", route=route, status=status)
+    statuses = {  # the abandoned requests' (the probe's own 200 taken off)
+        status: metric(text, "reranker_requests_total", route=path, status=status)
+        - (status == str(probe.status_code) and path == "/rerank")
         for status in ("200", "499", "500", "503")
     }
     return AbandonedResult(
