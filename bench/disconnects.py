@@ -44,6 +44,13 @@ WORDS = (
     "paris capital france river city history population europe tower famous built century "
     "government language people world water food health research science music art"
 ).split()
+# The server is idle when all of these are 0.
+BUSY_GAUGES = (
+    "reranker_busy_compute_threads",
+    "reranker_queued_pairs",
+    "reranker_in_flight_requests",
+    "reranker_queue_depth_requests",
+)
 TOKENIZER = Path("/work/shared/models/bert-base-uncased-tokenizer")
 
 
@@ -203,9 +210,7 @@ async def abandoned(
         deadline = time.monotonic() + probe_timeout_s
         while time.monotonic() < deadline:  # until the abandoned work is gone
             text = (await http.get("/metrics")).text
-            busy = ("reranker_busy_compute_threads", "reranker_queued_pairs")
-            busy += ("reranker_in_flight_requests", "reranker_queue_depth_requests")
-            if not any(metric(text, name) for name in busy):
+            if not any(metric(text, name) for name in BUSY_GAUGES):
                 busy_after = time.monotonic() - gone
                 break
             await asyncio.sleep(0.1)
