@@ -51,7 +51,6 @@ BUSY_GAUGES = (
     "reranker_in_flight_requests",
     "reranker_queue_depth_requests",
 )
-TOKENIZER = Path("/work/shared/models/bert-base-uncased-tokenizer")
 
 
 def free_port() -> int:
