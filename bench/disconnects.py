@@ -148,7 +148,7 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def _raw_post(port: int, path: str, payload: bytes) -> socket.socket:
+def raw_post(port: int, path: str, payload: bytes) -> socket.socket:
     """An HTTP/1.1 POST of a JSON `payload` written on a fresh socket; the answer is never
     read."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -191,7 +191,7 @@ async def abandoned(
     ]
     async with httpx.AsyncClient(base_url=server.url, timeout=probe_timeout_s) as http:
         started = time.monotonic()
-        sockets = [_raw_post(server.port, path, payload) for payload in payloads]
+        sockets = [raw_post(server.port, path, payload) for payload in payloads]
         await asyncio.sleep(max(0.0, started + give_up_s - time.monotonic()))
         deadline = time.monotonic() + 120
         while until_queued and time.monotonic() < deadline:
