@@ -10,7 +10,7 @@ Starts `reranker-server serve` on a free loopback port (models: DIR from `make-t
   how the abandoned requests were counted (`reranker_requests_total` by status), the pairs the
   scheduler dropped, and how long the server stayed busy after the sockets closed.
 - **sigterm**: `--inflight` clients each send `--inflight-docs` documents; SIGTERM after
-  `--term-at` s (drain timeout `--drain` s). Reported: the answers (status, JSON or not),
+  `--term-at` s (drain timeout `--drain` s). Reported: the answers (status, error_type or not JSON),
   `/health/ready` right after the signal, the time to exit and the server's CPU seconds after
   its last answer.
 
@@ -231,7 +231,8 @@ async def abandoned(
 
 @dataclass
 class SigtermResult:
-    answers: list[tuple[int, bool, str | None]]  # status, JSON body, Retry-After
+    # status, error_type ("" for an answer, None for a body that is not JSON), Retry-After
+    answers: list[tuple[int, str | None, str | None]]
     ready_after_signal: int | str  # /health/ready's status, or the error
     exit_seconds: float  # SIGTERM to process exit
     cpu_after_last_answer_s: float
@@ -244,7 +245,7 @@ async def sigterm_in_flight(
 ) -> SigtermResult:
     """`clients` requests in flight, then SIGTERM; every answer, readiness, time to exit."""
     process = psutil.Process(server.process.pid)
-    answers: list[tuple[int, bool, str | None]] = []
+    answers: list[tuple[int, str | None, str | None]] = []
     errors: list[str] = []
     last_answer = [0.0, 0.0]  # monotonic time, process CPU seconds at the last answer
 
@@ -255,11 +256,11 @@ async def sigterm_in_flight(
             errors.append(f"{type(exc).__name__}: {exc}")
             return
         try:
-            response.json()
-            is_json = True
+            body = response.json()
+            kind: str | None = body.get("error_type", "") if isinstance(body, dict) else ""
         except ValueError:
-            is_json = False
-        answers.append((response.status_code, is_json, response.headers.get("retry-after")))
+            kind = None
+        answers.append((response.status_code, kind, response.headers.get("retry-after")))
         try:
             cpu = process.cpu_times()
             last_answer[:] = [time.monotonic(), cpu.user + cpu.system]
@@ -363,8 +364,8 @@ def main() -> int:
             print("| answers | /health/ready after SIGTERM | exit after | CPU after last answer |")
             print("|---|---|---:|---:|")
             kinds: dict[str, int] = {}
-            for status, is_json, retry in term.answers:
-                key = f"{status}{' JSON' if is_json else ' text'}"
+            for status, kind, retry in term.answers:
+                key = f"{status} {'text' if kind is None else kind or 'JSON'}"
                 key += " Retry-After" if retry else ""
                 kinds[key] = kinds.get(key, 0) + 1
             kinds.update({f"client error ({e.split(':')[0]})": 1 for e in term.errors})

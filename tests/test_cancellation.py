@@ -304,8 +304,11 @@ def test_sigterm_with_requests_in_flight_answers_200_or_json_503_and_exits(
     print(f"\nsigterm: {result}")
     assert result.errors == []
     assert len(result.answers) == 10
-    for status, is_json, retry_after in result.answers:
-        assert status == 200 or (status == 503 and is_json and retry_after), (status, is_json)
+    for status, kind, retry_after in result.answers:
+        # 503: cut off by the drain, or (on a very slow machine) the request's own deadline
+        assert status == 200 or (
+            status == 503 and kind in ("shutting_down", "timeout") and retry_after
+        ), (status, kind)
     assert result.ready_after_signal == 503
     assert result.returncode == 0
     # the drain, then answers written, the models released and Python's own exit (~4 s here)
