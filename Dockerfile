@@ -78,7 +78,7 @@ EXPOSE 5200
 # The server listens only once both models are loaded: the start period covers the first download.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
     CMD ["python", "-c", "import json, os, sys, urllib.request; r = urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('RERANKER_PORT', '5200'), timeout=8); sys.exit(json.load(r).get('status') != 'ok')"]
-# Exec form: reranker-server is PID 1 and gets SIGTERM; uvicorn then shuts down gracefully (30 s;
-# give `docker stop -t 40`). Arguments after the image name replace `serve`, e.g. `serve --candidates 20`.
+# Exec form: reranker-server is PID 1 and gets SIGTERM; it then drains (RERANKER_DRAIN_TIMEOUT_S,
+# 120 s; give `docker stop -t 140`). Arguments after the image name replace `serve`, e.g. `serve --candidates 20`.
 ENTRYPOINT ["reranker-server"]
 CMD ["serve"]

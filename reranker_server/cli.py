@@ -193,27 +193,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(settings: Settings) -> int:
-    """Run uvicorn; SIGTERM / SIGINT stop it gracefully (in-flight requests finish), exit 0."""
+    """Run uvicorn; SIGTERM / SIGINT drain it (server.py: readiness 503 at once, requests in
+    progress get `drain_timeout_s`, the rest a JSON 503), then exit 0."""
     import uvicorn
 
     from .app import create_app
-    from .server import uvicorn_options
+    from .server import SHUTDOWN_GRACE_S, serve, uvicorn_options
 
     # uvicorn re-raises the signal that stopped it once it has shut down; with these no-op
     # handlers in place that ends the process with status 0 instead of "killed by SIGTERM".
     for stop in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop, lambda *_: None)
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         log_config=None,  # uvicorn's lines go through our handler (JSON or text)
         access_log=False,  # the app logs each request itself (api/telemetry.py)
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,  # after the drain: answers being written
         **uvicorn_options(settings),  # connection limits (server.py)
     )
-    return 0
+    return serve(config, app.service, settings.drain_timeout_s)
 
 
 def _download(settings: Settings) -> int:

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .types import Cancellation
 
 
 class RerankerError(Exception):
@@ -119,6 +123,25 @@ class RequestCancelledError(RerankerError):
     dropped. Never sent to anyone; counted and logged as 499."""
 
     error_type = "client_closed_request"
+
+
+class ShuttingDownError(RerankerError):
+    """The server is draining before it exits (SIGTERM): it admits no new work, and work still
+    running at the end of the drain timeout is cut off. Retry after `retry_after_s` (a load
+    balancer sends the retry to another replica)."""
+
+    error_type = "shutting_down"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def raise_if_cancelled(cancel: Cancellation | None) -> None:
+    """Raise `RequestCancelledError` when the request's handle is set (checked between steps of
+    the work, so a request nobody waits for stops at the next one)."""
+    if cancel is not None and cancel.cancelled:
+        raise RequestCancelledError(f"request cancelled: {cancel.reason}")
 
 
 class NotReadyError(RerankerError):

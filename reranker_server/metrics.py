@@ -260,7 +260,7 @@ def _breaker_metrics(engine: EngineStatus, cascades: list[EngineStatus]) -> Iter
 
 
 def _scheduler_metrics(schedulers: dict[str, Scheduler]) -> Iterable[Metric]:
-    """Pairs waiting for a compute thread, and threads computing, per scheduler."""
+    """Pairs waiting for a compute thread, threads computing, and pairs dropped, per scheduler."""
     queued = GaugeMetricFamily(
         "reranker_queued_pairs", "Pairs waiting for a compute thread.", labels=["scheduler"]
     )
@@ -269,8 +269,16 @@ def _scheduler_metrics(schedulers: dict[str, Scheduler]) -> Iterable[Metric]:
         "Compute threads running a batch now.",
         labels=["scheduler"],
     )
+    dropped = CounterMetricFamily(
+        "reranker_dropped_pairs",
+        "Pairs dropped before they ran, or whose scores were discarded, because their request "
+        "was cancelled (client gone, timeout, shutdown).",
+        labels=["scheduler"],
+    )
     for name, scheduler in schedulers.items():
         queued.add_metric([name], scheduler.queued)
         busy.add_metric([name], scheduler.busy)
+        dropped.add_metric([name], scheduler.dropped)
     yield queued
     yield busy
+    yield dropped

@@ -1,10 +1,10 @@
 """`RerankService`: the one object the HTTP layer (and the CLI, and a notebook) talks to.
 
 It owns the models' lifetime (loaded by `start`, released by `close`), admission and the worker
-pool, the request limits, and cancellation; it answers `RerankJob`s with `RerankOutcome`s and
-reports `status()` (models served, devices, GPU gate, schedulers, cache). It holds one engine per
-named cascade (cascade_file.py) and runs each job on the cascade its `model` picks. Nothing
-outside it touches the engines or the devices.
+pool, the request limits, cancellation and the drain before shutdown; it answers `RerankJob`s
+with `RerankOutcome`s and reports `status()` (models served, devices, GPU gate, schedulers,
+cache). It holds one engine per named cascade (cascade_file.py) and runs each job on the cascade
+its `model` picks. Nothing outside it touches the engines or the devices.
 
     service = RerankService(Settings())
     await service.start()
@@ -27,7 +27,13 @@ from .engine.engine import Engine, EngineStatus
 from .engine.pool import InferencePool
 from .engine.scheduler import Scheduler
 from .engine.trace import current_trace
-from .errors import InvalidRequestError, ModelNotFoundError, NotReadyError
+from .errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    NotReadyError,
+    RequestCancelledError,
+    ShuttingDownError,
+)
 from .settings import Settings
 from .types import Cancellation, RerankJob, RerankOutcome, job_part_names
 
@@ -37,6 +43,12 @@ logger = logging.getLogger(__name__)
 EngineFactory = Callable[[Settings], Cascades | Engine]
 
 READY_TIMEOUT_S = 10.0
+SHUTDOWN_REASON = "the server is shutting down"
+# While draining: how often the drain looks at the requests in progress, and how long requests
+# cut off at the drain timeout get to answer their 503 (their threads stop within a scheduler
+# poll; only tokenization or a model call made without the scheduler runs longer).
+DRAIN_POLL_S = 0.05
+CUT_OFF_GRACE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,7 @@ class ServiceStatus:
     engine: EngineStatus | None  # the default cascade's; None until the models are loaded
     cascades: tuple[CascadeStatus, ...] = ()  # every cascade, the default first
     schedulers: dict[str, Scheduler] = field(default_factory=dict)  # each once, all cascades
+    draining: bool = False  # shutting down: new requests get 503
 
 
 class RerankService:
@@ -79,6 +92,8 @@ class RerankService:
         self.pool = InferencePool(settings.runs(), settings.max_queue, settings.request_timeout_s)
         self._cuda_available = False
         self._load_seconds: float | None = None
+        self._draining = False
+        self._active: set[Cancellation] = set()  # handles of the requests in progress
 
     # --- lifetime
 
@@ -90,8 +105,38 @@ class RerankService:
         self._cascades = Cascades.single(built) if isinstance(built, Engine) else built
         self._load_seconds = time.perf_counter() - started
 
+    async def drain(self, timeout_s: float) -> None:
+        """Stop admitting (new requests get `ShuttingDownError`: 503 + Retry-After, and so does
+        readiness), give the requests in progress up to `timeout_s` to finish, then cancel the
+        rest: their queued pairs are dropped and they answer `ShuttingDownError` too."""
+        if not self._draining:
+            self._draining = True
+            logger.info(
+                "draining: no new requests; %d in progress get up to %g s",
+                len(self._active),
+                timeout_s,
+            )
+        deadline = time.monotonic() + timeout_s
+        while self._active and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        if not self._active:
+            return
+        logger.warning(
+            "drain timeout: %d requests still in progress are cut off (503)", len(self._active)
+        )
+        for cancel in list(self._active):
+            cancel.cancel(SHUTDOWN_REASON)
+        deadline = time.monotonic() + CUT_OFF_GRACE_S
+        while self._active and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
     async def close(self) -> None:
-        """Let running work finish, then release the models."""
+        """Cut off what is still running (see `drain`), then release the models."""
+        await self.drain(0)
         await asyncio.to_thread(self.pool.shutdown)
         cascades, self._cascades = self._cascades, None
         if cascades is not None:
@@ -107,6 +152,7 @@ class RerankService:
 
     async def rerank(self, job: RerankJob) -> RerankOutcome:
         """Check the job against the limits, then run its cascade in a worker thread."""
+        self._check_open()
         cascade = self.cascade_for(job.model)
         self.check(job)
         (job,) = self._admit([job])
@@ -116,6 +162,7 @@ class RerankService:
     async def rerank_batch(self, jobs: Sequence[RerankJob]) -> list[RerankOutcome]:
         """Several jobs as one unit of work (one queue slot), answered in order; each job runs on
         the cascade its `model` picks."""
+        self._check_open()
         cascades = []
         for position, job in enumerate(jobs):
             try:
@@ -136,6 +183,13 @@ class RerankService:
 
         return await self._run(work, admitted)
 
+    def _check_open(self) -> None:
+        if self._draining:
+            raise ShuttingDownError(
+                "server is shutting down and takes no new requests; retry (another replica "
+                "answers)",
+            )
+
     def _admit(self, jobs: Sequence[RerankJob]) -> list[RerankJob]:
         """The jobs with the request's deadline and a cancellation handle."""
         deadline = self.pool.deadline_for()
@@ -151,15 +205,24 @@ class RerankService:
         if trace is not None and jobs:
             trace.use_cache = jobs[0].use_cache
             trace.top_k, trace.query, trace.documents = jobs[0].top_k, jobs[0].query, jobs[0].texts
+        handles = {job.cancel for job in jobs if job.cancel is not None}
+        self._active |= handles
         try:
             outcomes = await self.pool.run(work, jobs[0].deadline if jobs else None)
+        except RequestCancelledError as exc:
+            if any(cancel.reason == SHUTDOWN_REASON for cancel in handles):
+                raise ShuttingDownError(
+                    "server shut down before the request finished (drain timeout); retry"
+                ) from exc
+            raise
         except BaseException as exc:  # a timeout, or the caller went away: drop queued work
             gone = isinstance(exc, asyncio.CancelledError)
             reason = "client closed the connection" if gone else type(exc).__name__
-            for job in jobs:
-                if job.cancel is not None:
-                    job.cancel.cancel(reason)
+            for cancel in handles:
+                cancel.cancel(reason)
             raise
+        finally:
+            self._active -= handles
         if trace is not None:
             trace.outcomes.extend(outcomes)
         return outcomes
@@ -255,6 +318,7 @@ class RerankService:
             cuda_available=self._cuda_available,
             model_load_seconds=self._load_seconds,
             in_flight=self.pool.pending,
+            draining=self._draining,
             running=self.pool.running,
             queued=self.pool.queued,
             engine=per_cascade[0].engine if per_cascade else None,
@@ -271,7 +335,8 @@ class RerankService:
 
     async def check_ready(self) -> None:
         """One pair through each stage-1 model, not through the request queue (a busy server is
-        still ready). Raises NotReadyError."""
+        still ready). Raises NotReadyError, or ShuttingDownError once draining."""
+        self._check_open()
         stage1 = {id(c.engine.stage1): c.engine.stage1 for c in self.cascades}
         try:
             await asyncio.wait_for(

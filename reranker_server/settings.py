@@ -222,6 +222,13 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         120.0, gt=0, description="Longest a request may wait plus run before a 503."
     )
+    drain_timeout_s: float = Field(
+        120.0,
+        ge=0,
+        description="On SIGTERM, how long requests in progress get to finish (readiness and new "
+        "requests answer 503 at once); the rest then get 503 + Retry-After. The default equals "
+        "request_timeout_s, so a full queue finishes.",
+    )
     warmup: bool = Field(True, description="Run one pair through each model at startup.")
 
     # --- score cache

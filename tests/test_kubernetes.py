@@ -15,6 +15,7 @@ import pytest
 
 from reranker_server.app import create_app
 from reranker_server.cli import build_parser
+from reranker_server.server import SHUTDOWN_GRACE_S
 from reranker_server.settings import Settings
 from tests.conftest import running
 from tests.deploy_files import (
@@ -152,8 +153,12 @@ def test_server_deployment_matches_the_image_and_cli(variant: str) -> None:
     assert env["RERANKER_OFFLINE"] == "true"  # the init container downloaded the models
     assert resources["limits"].get("nvidia.com/gpu") == (1 if variant == "cuda" else None)
 
-    # uvicorn's 30 s graceful shutdown fits in the grace period after the preStop pause.
-    assert pod["terminationGracePeriodSeconds"] >= 30 + 5
+    # The preStop pause, the drain and the close after it fit in the grace period.
+    pause = server["lifecycle"]["preStop"]["exec"]["command"]
+    assert pause[0] == "sleep"
+    drain = Settings(drain_timeout_s=env["RERANKER_DRAIN_TIMEOUT_S"]).drain_timeout_s
+    assert drain >= Settings().request_timeout_s  # a full queue finishes (each by its deadline)
+    assert pod["terminationGracePeriodSeconds"] >= int(pause[1]) + drain + SHUTDOWN_GRACE_S + 5
 
 
 def test_gpu_deployment_differs_only_where_it_must() -> None:

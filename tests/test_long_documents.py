@@ -24,14 +24,14 @@ from reranker_server.devices import GpuGate
 from reranker_server.engine.cache import MemoryScoreCache
 from reranker_server.engine.engine import Engine
 from reranker_server.engine.loader import load_engine
-from reranker_server.engine.windows import Windower, WindowPlan, word_cuts
-from reranker_server.errors import InvalidRequestError
+from reranker_server.engine.windows import ENCODE_SLICE, Windower, WindowPlan, word_cuts
+from reranker_server.errors import InvalidRequestError, RequestCancelledError
 from reranker_server.model_generator import STAGE1_FILE, WORDS, TestModelPaths
 from reranker_server.runners.base import PairwiseRunner
 from reranker_server.runners.cross_encoder import CrossEncoderRunner
 from reranker_server.runners.flashrank import FlashRankRunner
 from reranker_server.settings import Settings
-from reranker_server.types import LongDocPolicy, RerankJob
+from reranker_server.types import Cancellation, LongDocPolicy, RerankJob, TextTokens
 
 from .conftest import running
 
@@ -390,3 +390,28 @@ def test_batch_item_names_its_documents(server: str, case: Case) -> None:
     fits = {**too_many, "documents": [*case.competitors[:2], case.long_doc]}
     answer = post(server, "/rerank/batch", {"requests": [ok, fits]})
     assert answer["responses"][1]["results"][0]["index"] == 2
+
+
+def test_planning_stops_when_the_request_is_cancelled() -> None:
+    """Windows are planned (tokenized) a slice of documents at a time; a request nobody waits for
+    any more stops at the next slice."""
+
+    class Counting:
+        max_length = 64
+        pair_special_tokens = 3
+
+        def __init__(self, cancel: Cancellation) -> None:
+            self.cancel = cancel
+            self.encoded = 0
+
+        def encode_texts(self, texts: Sequence[str]) -> list[TextTokens]:
+            self.encoded += len(texts)
+            if self.encoded > 1:  # the query, then the first slice of documents
+                self.cancel.cancel("client closed the connection")
+            return [TextTokens([(0, len(t))], [0]) for t in texts]
+
+    cancel = Cancellation()
+    encoder = Counting(cancel)
+    with pytest.raises(RequestCancelledError):
+        Windower(encoder).plan("q", ["doc"] * (ENCODE_SLICE * 3), TRUNCATE, cancel=cancel)
+    assert encoder.encoded == 1 + ENCODE_SLICE

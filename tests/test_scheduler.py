@@ -12,7 +12,7 @@ import pytest
 from reranker_server.devices import GpuGate
 from reranker_server.engine.engine import Engine
 from reranker_server.engine.loader import load_engine
-from reranker_server.engine.scheduler import Lane, RunnerCopies, Scheduler
+from reranker_server.engine.scheduler import PREPARE_SLICE, Lane, RunnerCopies, Scheduler
 from reranker_server.errors import RequestCancelledError, RequestTimeoutError
 from reranker_server.settings import Settings
 from reranker_server.types import Cancellation, RerankJob, next_arrival
@@ -297,3 +297,49 @@ def test_runner_copies_are_never_shared_by_two_threads_at_once() -> None:
         [KeywordRunner().score("a", ["q"])[0]],
         [KeywordRunner().score("b", ["q"])[0]],
     ]
+
+
+class CancelOnPrepare(KeywordRunner):
+    """Tokenizing its first slice cancels the request (the client leaves mid-tokenization)."""
+
+    def __init__(self, cancel: Cancellation) -> None:
+        super().__init__("cancel-on-prepare")
+        self.cancel = cancel
+        self.prepared = 0
+
+    def prepare(self, pairs: Sequence[Pair]) -> list[Pair]:
+        self.prepared += len(pairs)
+        self.cancel.cancel("client closed the connection")
+        return list(pairs)
+
+
+def test_a_request_cancelled_while_tokenizing_stops_before_the_queue() -> None:
+    cancel = Cancellation()
+    runner = CancelOnPrepare(cancel)
+    scheduler = Scheduler(1)
+    pairs = [("q", f"doc {i}") for i in range(PREPARE_SLICE * 3)]
+    with pytest.raises(RequestCancelledError):
+        scheduler.score(Lane("l", runner), pairs, cancel=cancel)
+    assert runner.prepared == PREPARE_SLICE  # one slice, not all of them
+    assert scheduler.submitted == 0 and scheduler.dropped == len(pairs)
+    scheduler.close()
+    assert runner.calls == []
+
+
+def test_close_drops_queued_pairs_and_fails_their_callers() -> None:
+    runner = GatedRunner()
+    scheduler = Scheduler(1)
+    lane = Lane("l", runner)
+    with ThreadPoolExecutor(3) as pool:
+        running = submit_in_order(scheduler, lane, [[("q0", "x")]], pool)
+        wait_until(lambda: scheduler.busy == 1)
+        waiting = pool.submit(scheduler.score, lane, [("q1", "a"), ("q1", "b")])
+        wait_until(lambda: scheduler.queued == 2)
+        closing = pool.submit(scheduler.close)
+        with pytest.raises(RequestCancelledError, match="shutting down"):
+            waiting.result(10)
+        runner.release.set()  # the batch in flight finishes; then the worker stops
+        running[0].result(10)
+        closing.result(70)
+    assert scheduler.dropped == 2
+    assert [b[0][0] for b in runner.batches] == ["q0"]

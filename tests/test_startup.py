@@ -244,16 +244,15 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(
         time.sleep(1.0)  # the request is being scored now (it takes seconds)
         process.send_signal(signal.SIGTERM)
         time.sleep(0.5)
-        refused = False
-        try:
-            httpx.get(f"{url}/health", timeout=2)
-        except httpx.TransportError:
-            refused = True
+        # draining: the port stays open, but readiness and new work are refused at once
+        ready = httpx.get(f"{url}/health/ready", timeout=30)
+        new = httpx.post(f"{url}/rerank", timeout=30, json={"query": "q", "documents": ["a"]})
         worker.join(timeout=120)
         assert process.wait(timeout=60) == 0
     finally:
         process.kill()
         _, stderr = process.communicate()
-    assert refused, "a stopping server must not accept new connections"
+    assert ready.status_code == 503 and ready.json()["error_type"] == "shutting_down"
+    assert new.status_code == 503 and int(new.headers["Retry-After"]) >= 1
     assert result["r"].status_code == 200 and len(result["r"].json()["results"]) == 3
     assert "Shutting down" in stderr or "shutdown" in stderr.lower()

@@ -7,24 +7,30 @@ A dialect module is three parts: its request model, `to_job(body, settings)` and
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import math
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Request
+from starlette.types import Receive
 
 from ..engine.trace import current_trace
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, RequestCancelledError
 from ..service import RerankService
-from ..types import RerankJob, RerankOutcome
+from ..types import Cancellation, RerankJob, RerankOutcome
 from .schemas import Usage
 from .telemetry import cache_wanted
 
 # raw_scores: logit(p) with p kept this far from 0 and 1 (|logit| <= 20.7).
 LOGIT_EPSILON = 1e-9
+# A server whose receive() answers at once after the body (not uvicorn) is asked this often.
+DISCONNECT_POLL_S = 0.1
+CLIENT_CLOSED = "client closed the connection"
 
 
 async def answer(
@@ -39,19 +45,52 @@ async def answer(
     `dialect` labels the request in metrics and logs; `names` maps the job's part names in
     errors (`documents`, `jobs[2]`) to the request's fields (`texts`, `requests[2]`). The
     request's cache opt-out (`Cache-Control: no-cache`, `X-Reranker-Cache: off`) goes into the
-    jobs.
+    jobs. When the client disconnects before the answer is ready the jobs are cancelled (their
+    queued pairs are dropped) and the request ends as `RequestCancelledError` (499).
     """
     trace = current_trace.get()
     if trace is not None:
         trace.dialect = dialect
     use_cache = cache_wanted({k.lower(): v for k, v in request.headers.items()})
-    jobs = [dataclasses.replace(job, use_cache=use_cache) for job in jobs]
+    cancel = Cancellation()
+    jobs = [dataclasses.replace(job, use_cache=use_cache, cancel=cancel) for job in jobs]
     try:
-        if len(jobs) == 1 and dialect != "batch":
-            return [await service.rerank(jobs[0])]
-        return await service.rerank_batch(jobs)
+        async with cancelled_on_disconnect(request.receive, cancel):
+            if len(jobs) == 1 and dialect != "batch":
+                outcomes = [await service.rerank(jobs[0])]
+            else:
+                outcomes = await service.rerank_batch(jobs)
     except InvalidRequestError as exc:
         raise exc.renamed(names or {}) from exc
+    if cancel.reason == CLIENT_CLOSED:  # it left while the last pairs ran: nobody reads this
+        raise RequestCancelledError(f"request cancelled: {CLIENT_CLOSED}")
+    return outcomes
+
+
+@asynccontextmanager
+async def cancelled_on_disconnect(receive: Receive, cancel: Cancellation) -> AsyncIterator[None]:
+    """Set `cancel` if the client disconnects while the block runs.
+
+    Starlette does not stop a handler whose client went away; once the body has been read, the
+    ASGI server's next `receive()` message is `http.disconnect` when the connection closes.
+    """
+
+    async def watch() -> None:
+        while True:
+            try:
+                message = await receive()
+            except Exception:  # a server that can't say: no watching, the request runs on
+                return
+            if message["type"] == "http.disconnect":
+                cancel.cancel(CLIENT_CLOSED)
+                return
+            await asyncio.sleep(DISCONNECT_POLL_S)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
 
 
 def document_texts(

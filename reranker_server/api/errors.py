@@ -31,6 +31,7 @@ from ..errors import (
     RequestTimeoutError,
     RerankerError,
     RouteNotFoundError,
+    ShuttingDownError,
     TooManyConnectionsError,
     UnauthorizedError,
     UnsupportedMediaTypeError,
@@ -55,6 +56,7 @@ STATUS_BY_ERROR: dict[type[RerankerError], int] = {
     RerankerError: 500,  # anything else of ours, and unexpected exceptions
     RequestTimeoutError: 503,
     TooManyConnectionsError: 503,
+    ShuttingDownError: 503,
     NotReadyError: 503,
     ModelLoadError: 503,
 }
@@ -75,6 +77,8 @@ def error_response(exc: RerankerError) -> JSONResponse:
         headers["Retry-After"] = str(retry_after)
     if isinstance(exc, UnauthorizedError):
         headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, ShuttingDownError):  # this process is going away: reconnect elsewhere
+        headers["Connection"] = "close"
     body = {
         "error": message,
         "error_type": exc.error_type,
@@ -128,7 +132,9 @@ def from_http(exc: StarletteHTTPException) -> RerankerError:
 async def _on_reranker_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RerankerError)
     status = status_of(exc)
-    if status == 500:
+    if isinstance(exc, ShuttingDownError):  # expected while draining: not an error
+        logger.info("%s: %s", exc.error_type, exc)
+    elif status == 500:
         logger.error("%s: %s", exc.error_type, exc, exc_info=exc.__cause__ is not None)
     elif status == 503:  # an expected outcome under load (timeout) or while loading
         logger.warning("%s: %s", exc.error_type, exc)

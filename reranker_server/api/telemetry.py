@@ -118,20 +118,20 @@ class RequestTelemetry:
         trace = RequestTrace(use_cache=cache_wanted(headers))
         token = current_trace.set(trace)
         status = 500
-        answered = False
+        answered = client_gone = False
         received = 0
 
-        async def counting_receive() -> Message:
-            nonlocal received
+        async def receive_watching() -> Message:
+            nonlocal client_gone, received
             message = await receive()
             received += len(message.get("body", b""))
+            client_gone = client_gone or message["type"] == "http.disconnect"
             return message
 
         async def send_with_headers(message: Message) -> None:
             nonlocal status, answered
             if message["type"] == "http.response.start":
-                status = int(message["status"])
-                answered = True
+                status, answered = int(message["status"]), True
                 extra = [
                     (b"x-request-id", rid.encode("latin-1")),
                     (b"x-process-time", f"{time.perf_counter() - started:.6f}".encode()),
@@ -143,7 +143,7 @@ class RequestTelemetry:
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, send_with_headers)
+            await self.app(scope, receive_watching, send_with_headers)
         except Exception:
             # The one traceback of an unexpected error; answered here, not by Starlette or
             # uvicorn (which would log it again and send a 500 without X-Request-ID).
@@ -156,6 +156,8 @@ class RequestTelemetry:
             # else the answer was cut short: uvicorn closes the connection
         finally:
             current_trace.reset(token)
+            if client_gone and not answered:  # left before any answer (mid-body, say)
+                status = 499
             seconds = time.perf_counter() - started
             route, dialect = self._route(scope)
             dialect = trace.dialect or dialect

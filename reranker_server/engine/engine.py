@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..devices import GpuGate
-from ..errors import InferenceError, InvalidRequestError, RerankerError
+from ..errors import InferenceError, InvalidRequestError, RerankerError, raise_if_cancelled
 from ..runners.base import Runner
 from ..types import (
     Backend,
@@ -155,6 +155,7 @@ class Engine:
     ) -> tuple[list[float], int]:
         """Scores of `texts` from `runner` (through the scheduler when there is one, in the
         job's place in line) and the tokens the model read."""
+        raise_if_cancelled(job.cancel if job else None)
         pairs = [(query, t) for t in texts]
         scheduler = self.gpu_scheduler if role == "stage2_gpu" else self.scheduler
         if scheduler is None:  # the runner's own count of the tokens, as the scheduler's
@@ -185,7 +186,7 @@ class Engine:
         )
 
     def close(self) -> None:
-        """Stop the scheduler threads (queued work finishes first)."""
+        """Stop the scheduler threads (queued pairs are dropped; a running batch finishes)."""
         for scheduler in {self.scheduler, self.gpu_scheduler} - {None}:
             scheduler.close()  # type: ignore[union-attr]
 
@@ -193,7 +194,9 @@ class Engine:
         """The job's best `min(top_k, len(texts))` documents, best first."""
         documents = job.texts
         plan = (
-            self.windows.plan(job.query, documents, job.policy or self.long_documents)
+            self.windows.plan(
+                job.query, documents, job.policy or self.long_documents, cancel=job.cancel
+            )
             if self.windows is not None and documents
             else WindowPlan.whole(job.query, documents)
         )

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import RequestCancelledError, RequestTimeoutError
+from ..errors import RequestCancelledError, RequestTimeoutError, raise_if_cancelled
 from ..runners.base import Pair, PairwiseRunner, Runner
 from ..types import Cancellation, next_arrival
 from .trace import current_trace
@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 # How often a waiting request looks at its cancellation handle.
 CANCEL_POLL_S = 0.05
+# Pairs tokenized per call before the request's cancellation handle is looked at again (and
+# other requests' tokenization gets a turn).
+PREPARE_SLICE = 64
 
 
 class RunnerCopies(PairwiseRunner):
@@ -160,7 +163,13 @@ class Scheduler:
             return [], 0
         if order is None:
             order = next_arrival()
-        items = lane.runner.prepare(pairs)
+        items: list[Any] = []
+        for start in range(0, len(pairs), PREPARE_SLICE):
+            if cancel is not None and cancel.cancelled:  # nobody waits: tokenize no further
+                with self._cond:
+                    self.dropped += len(pairs)
+                raise_if_cancelled(cancel)
+            items += lane.runner.prepare(pairs[start : start + PREPARE_SLICE])
         lengths = [lane.runner.length(item) for item in items]
         ticket = _Ticket(
             scores=[0.0] * len(items), remaining=len(items), submitted=time.monotonic()
@@ -192,7 +201,7 @@ class Scheduler:
                 break
             if cancel is not None and cancel.cancelled:
                 self._drop(ticket)
-                raise RequestCancelledError(f"request cancelled: {cancel.reason}")
+                raise_if_cancelled(cancel)
             if deadline is not None and time.monotonic() >= deadline:
                 self._drop(ticket)
                 raise RequestTimeoutError(
@@ -265,9 +274,19 @@ class Scheduler:
                     ticket.done.set()
 
     def close(self) -> None:
-        """Finish queued work, then stop the workers."""
+        """Stop the workers: queued pairs are dropped (a caller still waiting gets
+        `RequestCancelledError`), a batch already running finishes."""
         with self._cond:
             self._closed = True
+            for queue in self._queues.values():
+                for entry in queue:
+                    ticket = entry.ticket
+                    if not ticket.done.is_set():
+                        self.dropped += ticket.remaining
+                        ticket.cancelled = True
+                        ticket.error = RequestCancelledError("the server is shutting down")
+                        ticket.done.set()
+                queue.clear()
             self._cond.notify_all()
         for thread in self._threads:
             thread.join(timeout=60)

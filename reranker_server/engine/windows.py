@@ -30,8 +30,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..errors import InvalidRequestError
-from ..types import KeepSide, LongDocPolicy, TextTokens
+from ..errors import InvalidRequestError, raise_if_cancelled
+from ..types import Cancellation, KeepSide, LongDocPolicy, TextTokens
 
 Span = tuple[int, int]
 
@@ -91,8 +91,15 @@ class Windower:
         self.max_query_tokens = max(1, min(max_query_tokens, room - 1))
         self.overlap_tokens = max(0, overlap_tokens)
 
-    def plan(self, query: str, documents: Sequence[str], policy: LongDocPolicy) -> WindowPlan:
-        """The windows of `documents` under `policy`; InvalidRequestError past `max_windows`."""
+    def plan(
+        self,
+        query: str,
+        documents: Sequence[str],
+        policy: LongDocPolicy,
+        cancel: Cancellation | None = None,
+    ) -> WindowPlan:
+        """The windows of `documents` under `policy`; InvalidRequestError past `max_windows`,
+        RequestCancelledError once `cancel` is set."""
         (query_tokens,) = self.encoder.encode_texts([query])  # the query, once per request
         query, query_length = self._capped_query(query, query_tokens)
         overhead = query_length + self.encoder.pair_special_tokens
@@ -103,7 +110,8 @@ class Windower:
         windows_of: list[list[int]] = []
         pair_tokens: list[int] = []
         needed = needed_tokens(policy, budget)
-        for index, (doc, tokens) in enumerate(self._tokenized(documents, needed, policy.keep)):
+        tokenized = self._tokenized(documents, needed, policy.keep, cancel)
+        for index, (doc, tokens) in enumerate(tokenized):
             ranges = token_windows(tokens.words, budget, self.overlap_tokens, policy)
             mine = list(range(len(texts), len(texts) + max(1, len(ranges or ()))))
             if len(texts) + len(mine) > policy.max_windows:
@@ -124,12 +132,14 @@ class Windower:
         return WindowPlan(query, texts, owners, spans, windows_of, pair_tokens)
 
     def _tokenized(
-        self, documents: Sequence[str], needed: int, keep: KeepSide
+        self, documents: Sequence[str], needed: int, keep: KeepSide, cancel: Cancellation | None
     ) -> Iterator[tuple[str, TextTokens]]:
         """Each document with the tokens `token_windows` needs, in order, GROUP at a time: all of
         a short document's; of a long one, more than `needed` whole-word tokens from its start
-        (keep="end": its end), with character spans in the document."""
+        (keep="end": its end), with character spans in the document. Stops between groups when
+        the request is cancelled."""
         for first in range(0, len(documents), GROUP):
+            raise_if_cancelled(cancel)
             group = documents[first : first + GROUP]
             found: list[TextTokens | None] = [None] * len(group)
             chars = prefix_chars(needed)
