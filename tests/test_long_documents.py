@@ -24,7 +24,7 @@ from reranker_server.devices import GpuGate
 from reranker_server.engine.cache import MemoryScoreCache
 from reranker_server.engine.engine import Engine
 from reranker_server.engine.loader import load_engine
-from reranker_server.engine.windows import ENCODE_SLICE, Windower, WindowPlan, word_cuts
+from reranker_server.engine.windows import GROUP, Windower, WindowPlan, word_cuts
 from reranker_server.errors import InvalidRequestError, RequestCancelledError
 from reranker_server.model_generator import STAGE1_FILE, WORDS, TestModelPaths
 from reranker_server.runners.base import PairwiseRunner
@@ -413,5 +413,5 @@ def test_planning_stops_when_the_request_is_cancelled() -> None:
     cancel = Cancellation()
     encoder = Counting(cancel)
     with pytest.raises(RequestCancelledError):
-        Windower(encoder).plan("q", ["doc"] * (ENCODE_SLICE * 3), TRUNCATE, cancel=cancel)
-    assert encoder.encoded == 1 + ENCODE_SLICE
+        Windower(encoder).plan("q", ["doc"] * (GROUP * 3), TRUNCATE, cancel=cancel)
+    assert encoder.encoded == 1 + GROUP
