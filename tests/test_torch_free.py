@@ -155,6 +155,63 @@ def test_the_default_cpu_server_runs_without_torch(
         process.communicate(timeout=30)
 
 
+def test_a_flashrank_to_onnx_cascade_is_served_without_torch(
+    torch_free_site: Path,
+    tiny_models: TestModelPaths,
+    model_matrix: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    """The torch-free install serving the whole cascade: FlashRank, then the ONNX cross-encoder
+    on the CPU (RERANKER_STAGE2_KIND=onnx-cross-encoder), over HTTP, with the answers the
+    runners give in this process."""
+    export = model_matrix["onnx/bert"]
+    port = free_port()
+    env = torch_free_env(
+        torch_free_site,
+        env_for(
+            tiny_models,
+            tmp_path,
+            RERANKER_DEVICE="auto",
+            RERANKER_STAGE2_MODEL=str(export),
+            RERANKER_STAGE2_KIND="onnx-cross-encoder",
+            RERANKER_STAGE2_ON_CPU="true",
+            RERANKER_CANDIDATES="3",
+        ),
+    )
+    process = subprocess.Popen(
+        torch_free(
+            ["-m", "uvicorn", "reranker_server:app", "--host", "127.0.0.1", "--port", str(port)],
+        ),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, process)
+        body = httpx.post(
+            f"{url}/rerank",
+            json={"query": "capital of france", "documents": DOCS, "top_k": 3},
+            timeout=30,
+        ).json()
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+    first = FlashRankRunner(tiny_models.stage1, next(tiny_models.stage1.glob("*.onnx"))).score(
+        "capital of france", DOCS
+    )
+    kept = sorted(range(len(DOCS)), key=lambda i: -first[i])[:3]
+    second = OnnxCrossEncoderRunner(export).score("capital of france", [DOCS[i] for i in kept])
+    order = [kept[j] for j in sorted(range(3), key=lambda j: -second[j])]
+    assert [s["device"] for s in body["stages"]] == ["cpu", "cpu"]
+    assert body["stages"][1]["documents"] == 3
+    assert [r["index"] for r in body["results"]] == order
+    assert [r["score"] for r in body["results"]] == pytest.approx(
+        sorted(second, reverse=True), abs=1e-6
+    )
+
+
 @pytest.mark.parametrize(
     ("setting", "value", "what"),
     [
