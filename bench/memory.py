@@ -13,8 +13,11 @@ Workloads differ in token density, which decides how much a whole-document token
 prose (~2,300 tokens per 16,000 characters with BERT's vocabulary), mixed (~3,200: prose with
 random letter groups), punct (one token per character: 16,000).
 
-`--source DIR` runs the server from another checkout (PYTHONPATH=DIR), to compare before / after
-in one go: `git archive <rev> | tar -x -C /tmp/base && python bench/memory.py --source /tmp/base`.
+`--source DIR` runs the server from another checkout (its directory and PYTHONPATH), to compare
+before / after:
+
+    git archive <rev> | tar -x -C /tmp/base && python bench/memory.py --source /tmp/base
+
 Bounded: one request per workload, each server stopped after it.
 """
 
@@ -38,6 +41,7 @@ import httpx
 import psutil
 
 MIB = 2**20
+ROOT = Path(__file__).resolve().parent.parent
 WORDS = (
     "paris capital france river city history population europe tower famous built century "
     "government language people world water food health research science music art"
@@ -119,9 +123,10 @@ class RssSampler:
         return int(self.process.memory_info().rss)
 
 
-def start_server(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+def start_server(env: dict[str, str], port: int, source: Path) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
         [sys.executable, "-m", "reranker_server", "serve", "--host=127.0.0.1", f"--port={port}"],
+        cwd=source,  # `-m` imports from the working directory first
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -151,7 +156,7 @@ def measure(
     tokens = tokens_per_document(stage1, documents[0])
     del documents
     port = free_port()
-    process = start_server(env, port)
+    process = start_server(env, port, args.source or ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
         with RssSampler(process.pid) as rss, httpx.Client(base_url=url, timeout=900) as client:
@@ -206,7 +211,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         models = args.models
         if models is None:
-            sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+            sys.path.insert(0, str(ROOT))
             from reranker_server.model_generator import write_test_models
 
             print("generating tiny test models ...", file=sys.stderr)
