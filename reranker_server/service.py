@@ -58,7 +58,6 @@ class ServiceStatus:
     running: int  # requests in a worker thread now
     queued: int  # requests admitted and waiting for a worker
     engine: EngineStatus | None  # None until the models are loaded
-    draining: bool = False  # shutting down: new requests get 503
 
 
 class RerankService:
@@ -270,7 +269,6 @@ class RerankService:
             cuda_available=self._cuda_available,
             model_load_seconds=self._load_seconds,
             in_flight=self.pool.pending,
-            draining=self._draining,
             running=self.pool.running,
             queued=self.pool.queued,
             engine=self._engine.status() if self._engine is not None else None,
