@@ -200,19 +200,12 @@ async def abandoned(
             await asyncio.sleep(0.05)
         for sock in sockets:
             sock.close()
-        gone = time.monotonic()
+        idle = asyncio.create_task(_idle_after(http, probe_timeout_s))
         await asyncio.sleep(max(0.0, started + probe_at_s - time.monotonic()))
         sent = time.monotonic()
         probe = await http.post("/rerank", json=make_body(2, 999))
         probe_seconds = time.monotonic() - sent
-        busy_after = None
-        deadline = time.monotonic() + probe_timeout_s
-        while time.monotonic() < deadline:  # until the abandoned work is gone
-            text = (await http.get("/metrics")).text
-            if not any(metric(text, name) for name in BUSY_GAUGES):
-                busy_after = time.monotonic() - gone
-                break
-            await asyncio.sleep(0.1)
+        busy_after = await idle
         await asyncio.sleep(0.5)  # the last abandoned handlers finish their bookkeeping
         text = (await http.get("/metrics")).text
     statuses = {  # the abandoned requests' (the probe's own 200 taken off)
@@ -227,6 +220,17 @@ async def abandoned(
         dropped_pairs=metric(text, "reranker_dropped_pairs_total"),
         busy_after_s=busy_after if busy_after is not None else float("nan"),
     )
+
+
+async def _idle_after(http: httpx.AsyncClient, timeout_s: float) -> float | None:
+    """Seconds until the server first reports no request and no pair in progress."""
+    started = time.monotonic()
+    while time.monotonic() < started + timeout_s:
+        text = (await http.get("/metrics")).text
+        if not any(metric(text, name) for name in BUSY_GAUGES):
+            return time.monotonic() - started
+        await asyncio.sleep(0.1)
+    return None
 
 
 @dataclass

@@ -74,7 +74,6 @@ class ServiceStatus:
     engine: EngineStatus | None  # the default cascade's; None until the models are loaded
     cascades: tuple[CascadeStatus, ...] = ()  # every cascade, the default first
     schedulers: dict[str, Scheduler] = field(default_factory=dict)  # each once, all cascades
-    draining: bool = False  # shutting down: new requests get 503
 
 
 class RerankService:
@@ -318,7 +317,6 @@ class RerankService:
             cuda_available=self._cuda_available,
             model_load_seconds=self._load_seconds,
             in_flight=self.pool.pending,
-            draining=self._draining,
             running=self.pool.running,
             queued=self.pool.queued,
             engine=per_cascade[0].engine if per_cascade else None,

@@ -13,7 +13,9 @@ Order is by request, then pair: every pair of a `RerankJob`, stage 2's too, keep
 starves), and a request's stage 2 does not wait behind the stage 1 of requests admitted after it.
 A job past its `deadline` gets `RequestTimeoutError`, a job whose `cancel` handle is set gets
 `RequestCancelledError`; either way its queued pairs are dropped before they run (a batch already
-running finishes, and its scores for that job are discarded).
+running finishes, and its scores for that job are discarded). Pairs are tokenized
+`PREPARE_SLICE` at a time, so a job cancelled while tokenizing stops too. `close()` drops
+whatever is still queued.
 """
 
 from __future__ import annotations
