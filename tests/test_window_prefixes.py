@@ -14,7 +14,7 @@ from reranker_server.engine import windows
 from reranker_server.engine.windows import Windower
 from reranker_server.model_generator import STAGE1_FILE, WORDS, TestModelPaths
 from reranker_server.runners.flashrank import FlashRankRunner
-from reranker_server.types import KeepSide, LongDocPolicy, TextTokens
+from reranker_server.types import Cancellation, KeepSide, LongDocPolicy, TextTokens
 
 QUERY = "what is the capital of france"
 
@@ -23,7 +23,7 @@ class WholeDocuments(Windower):
     """The reference: every document tokenized whole (what windows.py did before)."""
 
     def _tokenized(
-        self, documents: Sequence[str], needed: int, keep: KeepSide
+        self, documents: Sequence[str], needed: int, keep: KeepSide, cancel: Cancellation | None
     ) -> Iterator[tuple[str, TextTokens]]:
         yield from zip(documents, self.encoder.encode_texts(documents), strict=True)
 

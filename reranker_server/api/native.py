@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..engine.plan import ALWAYS
 from ..errors import InvalidRequestError
 from ..settings import Settings
 from ..types import RerankJob, RerankOutcome
@@ -79,8 +80,8 @@ def from_outcome(outcome: RerankOutcome, body: RerankRequest, model: str) -> Rer
         ],
         backend=outcome.backend,
         fallback=outcome.fallback,
-        plan=outcome.plan,
-        plan_reason=outcome.plan_reason,
+        plan=None if outcome.plan_reason == ALWAYS.reason else outcome.plan,
+        plan_reason=None if outcome.plan_reason == ALWAYS.reason else outcome.plan_reason,
         stages=[
             StageInfo(
                 name=s.name,

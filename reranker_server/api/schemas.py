@@ -331,13 +331,18 @@ class RerankResponse(BaseModel):
         None, description="Why the GPU was not used: no_gpu, low_vram, cooldown, oom, cuda_error."
     )
     stages: list[StageInfo] = Field(default_factory=list, description="Stages that ran, in order.")
-    plan: Literal["cascade", "gpu_only"] = Field(
-        "cascade",
-        description="cascade: stage 1 scored every document, stage 2 the candidates; gpu_only: "
-        "stage 2 on the GPU scored every document, stage 1 was skipped (RERANKER_STAGE1=auto).",
+    plan: Literal["cascade", "gpu_only"] | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="Only with RERANKER_STAGE1=auto: cascade (stage 1 scored every document, "
+        "stage 2 the candidates) or gpu_only (stage 2 on the GPU scored every document, stage 1 "
+        "was skipped).",
     )
-    plan_reason: str = Field(
-        "", description='Why this plan, e.g. "gpu est 12 ms < cpu est 300 ms".'
+    plan_reason: str | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description='Only with RERANKER_STAGE1=auto: why this plan, e.g. "gpu est 12 ms < cpu '
+        'est 300 ms".',
     )
     id: str = Field(..., description="A new id per answer.")
     model: str = Field(..., description="The model that produced the final order.")
