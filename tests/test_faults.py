@@ -45,7 +45,7 @@ def faulty(make_settings: Callable[..., Settings]) -> Iterator[tuple[str, Faulty
     runner = FaultyRunner()
     scheduler = Scheduler(2, name="test-run")
     engine = Engine(runner, gate=GpuGate(None, 0, 0), scheduler=scheduler)
-    settings = make_settings(request_timeout_s=1.0, workers=2, max_queue=16)
+    settings = make_settings(request_timeout_s=3.0, workers=2, max_queue=16)
     with running(create_app(settings, engine_factory=lambda _s: engine)) as url:
         yield url, runner
         runner.release.set()
@@ -101,7 +101,9 @@ def test_a_hanging_scorer_times_out_its_request_and_others_are_served(
     hung, others, elapsed = asyncio.run(scenario())
     assert hung.status_code == 503 and hung.json()["error_type"] == "timeout"
     assert "Retry-After" in hung.headers
+    # Served by the other run while the hung one is stuck: had they queued behind it, they
+    # would have timed out too (503). No wall-clock bound: a busy machine must not fail this.
     assert [r.status_code for r in others] == [200] * 5
-    assert elapsed < 1.0  # served by the other run while the hung one is stuck
+    assert elapsed < 60
     runner.release.set()
     assert ask(url, "paris", "berlin").status_code == 200
