@@ -3,6 +3,7 @@ it starts in milliseconds. For tests of the HTTP layer (dialects, auth, client, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from reranker_server.app import RerankerApp, create_app
@@ -22,7 +23,8 @@ QUERY = "capital of France"
 BEST_FIRST = [1, 0, 2, 3]  # KeywordRunner's order for QUERY over DOCUMENTS
 
 
-def keyword_app(**overrides: Any) -> RerankerApp:
+def keyword_app(engine: Callable[[], Engine] | None = None, **overrides: Any) -> RerankerApp:
+    """An app on `engine()` (default: KeywordRunner alone) with settings that load no model."""
     values: dict[str, Any] = {
         "stage1_model": "unused",
         "stage2_model": "unused",
@@ -32,7 +34,7 @@ def keyword_app(**overrides: Any) -> RerankerApp:
     }
     values.update(overrides)
     settings = Settings(**values)
-    return create_app(settings, engine_factory=lambda _s: keyword_engine())
+    return create_app(settings, engine_factory=lambda _s: (engine or keyword_engine)())
 
 
 def keyword_engine() -> Engine:

@@ -24,6 +24,7 @@ from reranker_server.types import RerankJob
 
 from .conftest import running
 from .fakes import KeywordRunner
+from .keyword_server import keyword_app
 
 QUERY = "capital of france"
 DOCS = [
@@ -42,17 +43,8 @@ def by_length(doc: str) -> float:
 
 def cascade_app(**overrides: Any) -> RerankerApp:
     """KeywordRunner as stage 1, a by-length scorer as stage 2 on the CPU (candidates 2)."""
-    values: dict[str, Any] = {
-        "stage1_model": "unused",
-        "stage2_model": "unused",
-        "offline": True,
-        "device": "cpu",
-        "cpu_threads": 1,
-        "max_candidates": 4,
-    }
-    values.update(overrides)
 
-    def build(_settings: Settings) -> Engine:
+    def build() -> Engine:
         return Engine(
             KeywordRunner("stage1"),
             gate=GpuGate(None, 0, 0),
@@ -60,7 +52,7 @@ def cascade_app(**overrides: Any) -> RerankerApp:
             candidates=2,
         )
 
-    return create_app(Settings(**values), engine_factory=build)
+    return keyword_app(build, **{"max_candidates": 4, **overrides})
 
 
 @pytest.fixture(scope="module")

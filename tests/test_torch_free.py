@@ -13,7 +13,10 @@ import os
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -54,6 +57,28 @@ def torch_free_env(site: Path, base: dict[str, str] | None = None) -> dict[str, 
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{site}"
     env["HF_HUB_OFFLINE"] = "1"
     return env
+
+
+@contextmanager
+def torch_free_server(env: dict[str, str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The quick-start command (`uvicorn reranker_server:app`) under `python -S` on the torch-free
+    site; yields its URL and its /health once ready."""
+    port = free_port()
+    process = subprocess.Popen(
+        torch_free(
+            ["-m", "uvicorn", "reranker_server:app", "--host", "127.0.0.1", "--port", str(port)],
+        ),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        yield url, wait_healthy(url, process)
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
 
 
 PROGRAM = """
@@ -120,20 +145,8 @@ def test_the_default_cpu_server_runs_without_torch(
     torch_free_site: Path, tiny_models: TestModelPaths, tmp_path: Path
 ) -> None:
     """Default settings (device auto, stage 2 off without a GPU): no torch needed at all."""
-    port = free_port()
     env = torch_free_env(torch_free_site, env_for(tiny_models, tmp_path, RERANKER_DEVICE="auto"))
-    process = subprocess.Popen(
-        torch_free(
-            ["-m", "uvicorn", "reranker_server:app", "--host", "127.0.0.1", "--port", str(port)],
-        ),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        health = wait_healthy(url, process)
+    with torch_free_server(env) as (url, health):
         assert health["status"] == "ok"
         body = httpx.post(
             f"{url}/rerank",
@@ -150,9 +163,6 @@ def test_the_default_cpu_server_runs_without_torch(
         assert [r["score"] for r in body["results"]] == pytest.approx(
             sorted(scores, reverse=True)[:2], abs=1e-6
         )
-    finally:
-        process.terminate()
-        process.communicate(timeout=30)
 
 
 def test_a_flashrank_to_onnx_cascade_is_served_without_torch(
@@ -165,7 +175,6 @@ def test_a_flashrank_to_onnx_cascade_is_served_without_torch(
     on the CPU (RERANKER_STAGE2_KIND=onnx-cross-encoder), over HTTP, with the answers the
     runners give in this process."""
     export = model_matrix["onnx/bert"]
-    port = free_port()
     env = torch_free_env(
         torch_free_site,
         env_for(
@@ -178,26 +187,12 @@ def test_a_flashrank_to_onnx_cascade_is_served_without_torch(
             RERANKER_CANDIDATES="3",
         ),
     )
-    process = subprocess.Popen(
-        torch_free(
-            ["-m", "uvicorn", "reranker_server:app", "--host", "127.0.0.1", "--port", str(port)],
-        ),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, process)
+    with torch_free_server(env) as (url, _):
         body = httpx.post(
             f"{url}/rerank",
             json={"query": "capital of france", "documents": DOCS, "top_k": 3},
             timeout=30,
         ).json()
-    finally:
-        process.terminate()
-        process.communicate(timeout=30)
     first = FlashRankRunner(tiny_models.stage1, next(tiny_models.stage1.glob("*.onnx"))).score(
         "capital of france", DOCS
     )

@@ -29,6 +29,7 @@ from tokenizers import AddedToken, Encoding, Tokenizer
 
 from ..errors import ModelLoadError
 from ..types import TextTokens
+from .onnx_inputs import padded_inputs
 
 if TYPE_CHECKING:
     from ..devices import Accelerator
@@ -180,19 +181,7 @@ class FlashRankRunner:
         return [float(s) for s in scores]
 
     def _forward(self, encodings: Sequence[Encoding]) -> np.ndarray:
-        width = max(len(e.ids) for e in encodings)
-        shape = (len(encodings), width)
-        input_ids = np.full(shape, self._pad_id, dtype=np.int64)
-        type_ids = np.zeros(shape, dtype=np.int64)
-        mask = np.zeros(shape, dtype=np.int64)
-        for row, encoding in enumerate(encodings):
-            n = len(encoding.ids)
-            input_ids[row, :n] = encoding.ids
-            type_ids[row, :n] = encoding.type_ids
-            mask[row, :n] = 1
-        feed = {"input_ids": input_ids, "attention_mask": mask}
-        if "token_type_ids" in self._input_names:
-            feed["token_type_ids"] = type_ids
+        feed = padded_inputs(encodings, self._pad_id, self._input_names)
         logits = self._session.run(None, feed)[0]
         # The same arithmetic as flashrank.Ranker.rerank, in float32.
         if logits.shape[1] == 1:

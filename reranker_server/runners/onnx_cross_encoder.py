@@ -34,6 +34,7 @@ from ..errors import ModelLoadError
 from ..model_store import CpuFeatures, check_stage2_dir, choose_onnx_file
 from ..types import TextTokens
 from .flashrank import plan_batches, quantizes_per_batch
+from .onnx_inputs import padded_inputs
 
 if TYPE_CHECKING:
     from ..devices import Accelerator
@@ -186,19 +187,8 @@ class OnnxCrossEncoderRunner:
         return {"calls": float(self._calls), "pairs": float(self._pairs_scored)}
 
     def _forward(self, encodings: Sequence[Encoding]) -> np.ndarray:
-        width = max(len(e.ids) for e in encodings)
-        shape = (len(encodings), width)
-        feed = {
-            "input_ids": np.full(shape, self._pad_id, dtype=np.int64),
-            "attention_mask": np.zeros(shape, dtype=np.int64),
-            "token_type_ids": np.zeros(shape, dtype=np.int64),
-        }
-        for row, encoding in enumerate(encodings):
-            n = len(encoding.ids)
-            feed["input_ids"][row, :n] = encoding.ids
-            feed["attention_mask"][row, :n] = 1
-            feed["token_type_ids"][row, :n] = encoding.type_ids
-        logits = self._session.run(None, {k: feed[k] for k in self._input_names})[0]
+        feed = padded_inputs(encodings, self._pad_id, self._input_names)
+        logits = self._session.run(None, feed)[0]
         self._calls += 1
         self._pairs_scored += len(encodings)
         logits = np.asarray(logits, dtype=np.float64).reshape(len(encodings), -1)
