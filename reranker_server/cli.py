@@ -154,6 +154,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the coverage matrix (one tiny model per supported architecture, "
         "FlashRank layouts, ONNX exports) under DIR/matrix",
     )
+    quantize = commands.add_parser(
+        "quantize",
+        help="turn a cross-encoder into an int8 ONNX model for CPU stage 2 (no torch to serve it)",
+        description="Export a sentence-transformers cross-encoder to ONNX (eager attention) and "
+        "quantize it to int8 with ONNX Runtime (dynamic quantization), named for this CPU "
+        "(onnx/model_qint8_avx512_vnni.onnx, ...), with its tokenizer files: OUT serves as an "
+        "onnx-cross-encoder stage on the CPU. Prints its parity against the fp32 model. Needs "
+        "the torch extra; serving OUT does not.",
+        allow_abbrev=False,
+    )
+    quantize.add_argument("model", help="a local directory or hub id of a CrossEncoder")
+    quantize.add_argument("out", type=Path, help="where to write it (a new or empty directory)")
+    quantize.add_argument(
+        "--fuse",
+        action="store_true",
+        help="also write onnx/<int8 name>_fused.onnx, quantized from the graph ONNX Runtime's "
+        "transformer optimizer fused (Attention, SkipLayerNorm, Gelu); a stage runs it with "
+        "onnx_file (docs/models.md)",
+    )
+    quantize.add_argument(
+        "--parity-queries",
+        type=int,
+        default=10,
+        help="generated queries (50 passages each) the parity check scores. Default: 10",
+    )
+    quantize.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the model's repository run its own Python code while loading",
+    )
     evaluate = commands.add_parser(
         "eval",
         help="measure quality and cost per candidates depth on labelled data",
@@ -174,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "make-test-models":
         configure_logging("info", "text")
         return _make_test_models(args)
+    if args.command == "quantize":
+        configure_logging("warning", "text")
+        return _quantize(args)
     serving = args.command in ("serve", "eval")  # eval can serve in-process
     unused = () if serving else set(Settings.model_fields) - set(DOWNLOAD_SETTINGS)
     try:
@@ -256,17 +289,7 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _make_test_models(args: argparse.Namespace) -> int:
-    missing = [name for name in GENERATOR_MODULES if find_spec(name) is None]
-    if missing:
-        # torch on its own first: sentence-transformers would otherwise pull a CUDA build
-        fixes = ["pip install onnx"] if "onnx" in missing else []
-        if any(name != "onnx" for name in missing):
-            fixes.insert(0, "pip install torch==2.13.0 && pip install 'reranker-server[torch]'")
-        print(
-            f"reranker-server: make-test-models needs {', '.join(missing)} (not installed); "
-            f"fix: {' && '.join(fixes)}",
-            file=sys.stderr,
-        )
+    if _missing_generator_modules("make-test-models"):
         return 1
     from .model_generator import GeneratorError, write_matrix, write_test_models
 
@@ -294,6 +317,66 @@ def _make_test_models(args: argparse.Namespace) -> int:
         f"  RERANKER_STAGE1_MODEL={paths.stage1} RERANKER_STAGE2_MODEL={paths.stage2} "
         "reranker-server serve"
     )
+    return 0
+
+
+def _missing_generator_modules(command: str) -> bool:
+    """Print one line naming the fix when the torch extra (or onnx) is missing."""
+    missing = [name for name in GENERATOR_MODULES if find_spec(name) is None]
+    if not missing:
+        return False
+    # torch on its own first: sentence-transformers would otherwise pull a CUDA build
+    fixes = ["pip install onnx"] if "onnx" in missing else []
+    if any(name != "onnx" for name in missing):
+        fixes.insert(0, "pip install torch==2.13.0 && pip install 'reranker-server[torch]'")
+    print(
+        f"reranker-server: {command} needs {', '.join(missing)} (not installed); "
+        f"fix: {' && '.join(fixes)}",
+        file=sys.stderr,
+    )
+    return True
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    if _missing_generator_modules("quantize"):
+        return 1
+    if args.parity_queries < 1:
+        print("reranker-server: --parity-queries must be at least 1", file=sys.stderr)
+        return 2
+    from transformers.utils import logging as transformers_logging
+
+    from .quantize import QuantizeError, quantize
+
+    transformers_logging.disable_progress_bar()  # "Loading weights" for a local file
+    try:
+        result = quantize(
+            args.model,
+            args.out,
+            fused=args.fuse,
+            parity_queries=args.parity_queries,
+            trust_remote_code=args.trust_remote_code,
+        )
+    except QuantizeError as exc:
+        print(f"reranker-server: {exc}", file=sys.stderr)
+        return 1
+    first = result.parity[0]
+    print(f"wrote {result.directory} (int8 file for this CPU: {result.int8_file})")
+    print(
+        f"parity against the fp32 model, {first.queries} generated queries x {first.documents} "
+        "passages:"
+    )
+    for parity in result.parity:
+        print(
+            f"  {parity.file}: same top-10 order {parity.same_top10_order}/{parity.queries}, "
+            f"top-10 in common {parity.top10_overlap:.0%}, max score difference "
+            f"{parity.max_abs_diff:.1e}"
+        )
+    gap = first.smallest_top10_gap
+    print(f"  (smallest gap between neighbouring top-11 fp32 scores: {gap:.1e})")
+    print("serve it as stage 2 on the CPU (kind onnx-cross-encoder, no torch needed):")
+    print(f"  RERANKER_STAGE2_MODEL={result.directory} reranker-server serve")
+    if result.fused_file is not None:
+        print(f'  the fused variant: onnx_file = "{result.fused_file}" (docs/models.md)')
     return 0
 
 

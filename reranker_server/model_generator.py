@@ -4,6 +4,8 @@
                                                quantization like FlashRank's files), config and
                                                tokenizer files
     <dir>/cross-encoder/                       sentence-transformers' CrossEncoder layout
+    <dir>/stage1-cross-encoder/                stage 1's weights in that layout (for
+                                               `reranker-server quantize`)
     <dir>/onnx-cross-encoder/                  (onnx=True) the same cross-encoder as a hub ONNX
                                                export: onnx/model.onnx (fp32) and int8 variants
                                                named as on the hub (ONNX_VARIANTS), no torch weights
@@ -27,17 +29,19 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .quantize import EXPORT_INPUTS, export_onnx, quantize_int8
+
 logger = logging.getLogger(__name__)
 
 STAGE1_NAME = "ms-marco-MiniLM-L-12-v2"
 STAGE1_FILE = "flashrank-MiniLM-L-12-v2_Q.onnx"
-BERT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+STAGE1_SOURCE = "stage1-cross-encoder"  # stage 1's weights in sentence-transformers' layout
+BERT_INPUTS = EXPORT_INPUTS
 # int8 files of a hub ONNX export (name -> unsigned weights), as sentence-transformers names them
 ONNX_VARIANTS = {"model_qint8_avx512_vnni.onnx": False, "model_quint8_avx2.onnx": True}
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -68,6 +72,7 @@ class TestModelPaths:
     stage1: Path
     stage2: Path
     onnx: Path | None = None
+    stage1_source: Path | None = None  # stage 1's weights as a cross-encoder (STAGE1_SOURCE)
 
 
 @dataclass(frozen=True)
@@ -158,56 +163,11 @@ def _bert(shape: Shape, vocab_size: int, seed: int):  # type: ignore[no-untyped-
     return BertForSequenceClassification(config).eval()
 
 
-def _export_onnx(model, path: Path, input_names: Sequence[str] = BERT_INPUTS) -> None:  # type: ignore[no-untyped-def]
-    """A float32 ONNX file of a sequence classifier, dynamic batch and sequence axes."""
-    import torch
-
-    ids = torch.ones((2, 8), dtype=torch.long)
-    dummy = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    dummy["token_type_ids"] = torch.zeros_like(ids)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's notes about Python bools are expected here
-        torch.onnx.export(
-            model,
-            (),
-            str(path),
-            kwargs={n: dummy[n] for n in input_names},
-            input_names=list(input_names),
-            output_names=["logits"],
-            dynamic_axes={
-                **{n: {0: "batch", 1: "sequence"} for n in input_names},
-                "logits": {0: "batch"},
-            },
-            opset_version=14,
-            dynamo=False,
-        )
-
-
-def _quantize(fp32: Path, path: Path, *, unsigned: bool = False) -> None:
-    """Dynamic int8 quantization (activations quantized per batch), as FlashRank's and the hub's
-    int8 files are."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    weight_type = QuantType.QUInt8 if unsigned else QuantType.QInt8
-    root = logging.getLogger()
-    root.addFilter(_no_preprocessing_advice)
-    try:
-        quantize_dynamic(str(fp32), str(path), weight_type=weight_type)
-    finally:
-        root.removeFilter(_no_preprocessing_advice)
-
-
-def _no_preprocessing_advice(record: logging.LogRecord) -> bool:
-    """Drop onnxruntime's advice to pre-process before quantizing (moot for these models)."""
-    return not record.getMessage().startswith("Please consider")
-
-
 def _export_int8(model, path: Path, input_names: Sequence[str] = BERT_INPUTS) -> None:  # type: ignore[no-untyped-def]
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "model.onnx"
-        _export_onnx(model, fp32, input_names)
-        _quantize(fp32, path)
+        export_onnx(model, fp32, input_names)
+        quantize_int8(fp32, path)
 
 
 def write_onnx_export(source: Path, target: Path, model: Any = None) -> Path:
@@ -225,9 +185,9 @@ def write_onnx_export(source: Path, target: Path, model: Any = None) -> Path:
     model.config._attn_implementation = "eager"  # the classic attention graph
     fp32 = target / "onnx" / "model.onnx"
     inputs = BERT_INPUTS if model.config.type_vocab_size > 1 else BERT_INPUTS[:2]
-    _export_onnx(model, fp32, inputs)
+    export_onnx(model, fp32, inputs)
     for name, unsigned in ONNX_VARIANTS.items():
-        _quantize(fp32, target / "onnx" / name, unsigned=unsigned)
+        quantize_int8(fp32, target / "onnx" / name, unsigned=unsigned)
     return target
 
 
@@ -471,7 +431,7 @@ def write_flashrank_layout(directory: Path, name: str, *, seed: int = 0) -> Path
     if onnx_file.stem.endswith("_Q"):
         _export_int8(model, onnx_file, inputs)
     else:
-        _export_onnx(model, onnx_file, inputs)
+        export_onnx(model, onnx_file, inputs)
     return target
 
 
@@ -542,10 +502,11 @@ def write_test_models(
         stage1=directory / "flashrank" / STAGE1_NAME,
         stage2=directory / "cross-encoder",
         onnx=exported if onnx else None,
+        stage1_source=directory / STAGE1_SOURCE,
     )
 
 
-OUTPUT_NAMES = {"flashrank", "cross-encoder", "onnx-cross-encoder", "matrix"}
+OUTPUT_NAMES = {"flashrank", "cross-encoder", "onnx-cross-encoder", "matrix", STAGE1_SOURCE}
 
 
 def _check_target(directory: Path) -> None:
@@ -599,8 +560,6 @@ def _write_models(
 def _write_both(
     directory: Path, *, full_size: bool, tokenizer_dir: Path | None, seed: int, onnx: bool
 ) -> None:
-    from sentence_transformers import CrossEncoder
-
     stage1 = directory / "flashrank" / STAGE1_NAME
     stage2 = directory / "cross-encoder"
     vocab_size = _write_tokenizer(stage1, tokenizer_dir)
@@ -610,16 +569,26 @@ def _write_both(
     _export_int8(model1, stage1 / STAGE1_FILE)
 
     model2 = _bert(STAGE2_FULL if full_size else TINY, vocab_size, seed + 1)
+    _save_cross_encoder(model2, stage1, stage2)
+    # stage 1's own weights as a cross-encoder: what `reranker-server quantize` turns into
+    # stage-1 variants (FlashRank ships only its int8 file)
+    _save_cross_encoder(model1, stage1, directory / STAGE1_SOURCE)
+    if onnx:
+        write_onnx_export(stage2, directory / "onnx-cross-encoder", model2)
+
+
+def _save_cross_encoder(model, tokenizer_dir: Path, target: Path) -> None:  # type: ignore[no-untyped-def]
+    """`model` with the tokenizer files in `tokenizer_dir`, saved by sentence-transformers."""
+    from sentence_transformers import CrossEncoder
+
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp)
-        model2.save_pretrained(raw)
+        model.save_pretrained(raw)
         for name in (
             "tokenizer.json",
             "vocab.txt",
             "special_tokens_map.json",
             "tokenizer_config.json",
         ):
-            shutil.copy(stage1 / name, raw / name)
-        CrossEncoder(str(raw), device="cpu", local_files_only=True).save(str(stage2))
-    if onnx:
-        write_onnx_export(stage2, directory / "onnx-cross-encoder", model2)
+            shutil.copy(tokenizer_dir / name, raw / name)
+        CrossEncoder(str(raw), device="cpu", local_files_only=True).save(str(target))
