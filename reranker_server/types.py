@@ -94,10 +94,12 @@ class LongDocPolicy:
 @dataclass(frozen=True)
 class TextTokens:
     """A text's tokens alone (no special tokens, not truncated): each token's character span and
-    the word it belongs to (None for a token outside any word)."""
+    the word it belongs to (None for a token outside any word), and their ids when the tokenizer
+    gives them (stage 1 then builds its pairs from them instead of tokenizing again)."""
 
     spans: list[tuple[int, int]]
     words: list[int | None]
+    ids: list[int] | None = field(default=None, compare=False, repr=False)
 
 
 class Cancellation:
