@@ -97,10 +97,14 @@ def _location(loc: tuple[int | str, ...]) -> str:
     return text or "body"
 
 
+# Errors raised for a list as a whole that name one of its items (`ctx["index"]`).
+ITEM_ERRORS = frozenset({"list_item_type", "list_item_unicode"})
+
+
 def _error_loc(error: Any) -> tuple[int | str, ...]:
     """The error's location; a fail-fast list check (schemas.fail_fast) adds the item's index."""
     loc = tuple(error.get("loc", ("body",)))
-    if error.get("type") == "list_item_type":
+    if error.get("type") in ITEM_ERRORS:
         loc += (error["ctx"]["index"],)
     return loc
 
