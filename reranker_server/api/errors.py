@@ -113,7 +113,7 @@ def from_validation(exc: RequestValidationError) -> RerankerError:
     """FastAPI's validation errors as ours: bad JSON (400) or the first bad field (422)."""
     errors = list(exc.errors())
     if any(e.get("type") == "json_invalid" for e in errors):
-        return InvalidJsonError("request body is not valid JSON")
+        return InvalidJsonError("request body is not valid JSON", field="body")
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
     message = "; ".join(f"{_location(_error_loc(e))}: {e['msg']}" for e in errors[:5])
     return InvalidRequestError(message, field=_location(_error_loc(first)))
@@ -123,7 +123,7 @@ def from_http(exc: StarletteHTTPException) -> RerankerError:
     """Starlette's own HTTP errors (no route, wrong method, undecodable body) as ours."""
     if exc.status_code == 400:  # FastAPI could not decode the body (bad bytes, nested too deep)
         return InvalidJsonError(
-            "request body is not valid JSON (undecodable bytes or nested too deeply)"
+            "request body is not valid JSON (undecodable bytes or nested too deeply)", field="body"
         )
     if exc.status_code == 405:
         return MethodNotAllowedError(str(exc.detail))
