@@ -103,7 +103,12 @@ def probe(url: str, pid: int, path: str, raw: bytes, timeout: float) -> str:
             timeout=timeout,
         )
     except httpx.TimeoutException:
-        return f"timeout at {timeout:g} s | | | {(server.memory_info().rss - rss) / 2**20:+.0f}"
+        grown = (server.memory_info().rss - rss) / 2**20
+        return f"no answer: client timeout | {timeout:g} s | | {grown:+.0f} MiB"
+    except httpx.HTTPError as exc:  # e.g. a header line over h11's limit
+        seconds = time.perf_counter() - started
+        grown = (server.memory_info().rss - rss) / 2**20
+        return f"unreadable: {type(exc).__name__} ({exc}) | {seconds:.1f} s | | {grown:+.0f} MiB"
     seconds = time.perf_counter() - started
     grown = (server.memory_info().rss - rss) / 2**20
     try:
@@ -111,9 +116,13 @@ def probe(url: str, pid: int, path: str, raw: bytes, timeout: float) -> str:
     except ValueError:
         field = "(not JSON)"
     return (
-        f"{response.status_code} `{field or ''}` | {seconds * 1000:.0f} ms | "
+        f"{response.status_code} `{field or ''}` | {_duration(seconds)} | "
         f"{len(response.content):,} B | {grown:+.0f} MiB"
     )
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
 
 
 def run(root: Path, models: Path, args: argparse.Namespace) -> list[str]:
