@@ -70,7 +70,7 @@ def cascade_part(args: argparse.Namespace) -> list[str]:
         for url, _ in servers.values():  # warm-up: first-call allocations, thread start
             run_load(
                 url,
-                lambda n: body(WORKLOAD, n),
+                lambda n: body(WORKLOAD, n, args.top_k),
                 concurrency=2,
                 requests=4,
                 time_limit_s=60,
@@ -82,7 +82,7 @@ def cascade_part(args: argparse.Namespace) -> list[str]:
                 url, pid = servers[name]
                 results[name] = run_load(
                     url,
-                    lambda n: body(WORKLOAD, n),
+                    lambda n: body(WORKLOAD, n, args.top_k),
                     concurrency=args.concurrency,
                     requests=args.requests,
                     time_limit_s=args.level_seconds,
@@ -98,7 +98,8 @@ def cascade_part(args: argparse.Namespace) -> list[str]:
             rounds.append(results)
     base = names[0]
     lines = [
-        f"\n**{WORKLOAD} passages, concurrency {args.concurrency}**, {args.rounds} rounds "
+        f"\n**{WORKLOAD} passages, top_k {args.top_k}, concurrency {args.concurrency}**, "
+        f"{args.rounds} rounds "
         f"(each configuration {args.requests} requests per round, order rotating)\n",
         "| configuration | req/s per round | CPU s/req per round | throughput vs stage 1 alone "
         "(median of rounds) | CPU cost vs stage 1 alone (median) |",
@@ -201,6 +202,12 @@ def main() -> int:
     parser.add_argument("--stage1-variants", type=Path, help="quantize --fuse's output for stage 1")
     parser.add_argument("--parts", default="cascade,stage1")
     parser.add_argument("--candidates", default="4,8")
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=4,
+        help="the requests' top_k (stage 2 scores max(candidates, top_k) documents). Default: 4",
+    )
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--requests", type=int, default=24)
     parser.add_argument("--level-seconds", type=float, default=120)

@@ -374,7 +374,10 @@ def _quantize(args: argparse.Namespace) -> int:
     gap = first.smallest_top10_gap
     print(f"  (smallest gap between neighbouring top-11 fp32 scores: {gap:.1e})")
     print("serve it as stage 2 on the CPU (kind onnx-cross-encoder, no torch needed):")
-    print(f"  RERANKER_STAGE2_MODEL={result.directory} reranker-server serve")
+    print(
+        f"  RERANKER_STAGE2_MODEL={result.directory} RERANKER_STAGE2_KIND=onnx-cross-encoder "
+        "RERANKER_STAGE2_ON_CPU=true reranker-server serve"
+    )
     if result.fused_file is not None:
         print(f'  the fused variant: onnx_file = "{result.fused_file}" (docs/models.md)')
     return 0

@@ -4,14 +4,18 @@ parity against the fp32 model, batch-invariant scores, and one-line errors."""
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import subprocess
+import tomllib
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from reranker_server.cli import main
+from reranker_server.cascade_file import parse_cascades
+from reranker_server.cli import build_parser, main
 from reranker_server.model_generator import TestModelPaths
 from reranker_server.model_store import CpuFeatures, choose_onnx_file, infer_stage2_kind
 from reranker_server.quantize import (
@@ -24,12 +28,15 @@ from reranker_server.quantize import (
 )
 from reranker_server.runners.flashrank import FlashRankRunner
 from reranker_server.runners.onnx_cross_encoder import OnnxCrossEncoderRunner
+from reranker_server.settings import Settings
 
 from .test_startup import env_for
 from .test_torch_free import torch_free, torch_free_env, torch_free_server, torch_free_site
 
 __all__ = ["torch_free_site"]  # a fixture, used by name
 
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = "[cascades.cpu-host]"
 QUERY = "what is the capital of france"
 PASSAGES = [
     "paris is the capital of france",
@@ -154,7 +161,7 @@ def test_the_command_writes_and_reports(
     stem = int8_stem(_this_cpu())
     assert f"onnx/{stem}.onnx: same top-10 order " in printed
     assert "onnx/model.onnx: same top-10 order 1/1, top-10 in common 100%" in printed
-    assert f"RERANKER_STAGE2_MODEL={out} reranker-server serve" in printed
+    assert f"RERANKER_STAGE2_MODEL={out} RERANKER_STAGE2_KIND=onnx-cross-encoder" in printed
     assert (out / "onnx" / f"{stem}.onnx").is_file()
 
 
@@ -193,8 +200,8 @@ def test_quantize_without_torch_is_one_line(torch_free_site: Path, tmp_path: Pat
 def test_the_output_is_served_as_stage_2_on_the_cpu_without_torch(
     torch_free_site: Path, tiny_models: TestModelPaths, quantized: QuantizeResult, tmp_path: Path
 ) -> None:
-    """What the command prints: RERANKER_STAGE2_MODEL=OUT, no kind, no device flag, on a host
-    without a GPU and without torch; stage 2 runs the int8 file on the CPU."""
+    """The settings the command prints, on a host without a GPU and without torch: stage 2
+    runs the int8 file on the CPU."""
     env = torch_free_env(
         torch_free_site,
         env_for(
@@ -202,6 +209,8 @@ def test_the_output_is_served_as_stage_2_on_the_cpu_without_torch(
             tmp_path,
             RERANKER_DEVICE="auto",
             RERANKER_STAGE2_MODEL=str(quantized.directory),
+            RERANKER_STAGE2_KIND="onnx-cross-encoder",
+            RERANKER_STAGE2_ON_CPU="true",
             RERANKER_CANDIDATES="3",
         ),
     )
@@ -223,3 +232,48 @@ def test_the_output_is_served_as_stage_2_on_the_cpu_without_torch(
     assert [r["score"] for r in body["results"]] == pytest.approx(
         sorted(second, reverse=True), abs=1e-6
     )
+
+
+def test_the_cpu_host_preset_in_the_docs_is_served_without_torch(
+    torch_free_site: Path, tiny_models: TestModelPaths, quantized: QuantizeResult, tmp_path: Path
+) -> None:
+    """docs/cascades.md's CPU host cascade, loaded by the real parser, served (models swapped for
+    generated ones) on a host without a GPU and without torch: FlashRank, then the int8 stage 2
+    on the CPU over stage 1's best `candidates`."""
+    text = (ROOT / "docs" / "cascades.md").read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```toml\n(.*?)```", text, flags=re.S) if PRESET in b)
+    command = next(
+        line.strip()
+        for line in text.splitlines()
+        if line.strip().startswith("reranker-server quantize ")
+    )
+    tokens = shlex.split(command)
+    args = build_parser().parse_args(tokens[1:])
+    assert args.command == "quantize" and f'"{tokens[3]}"' in block  # the cascade uses its output
+    (preset,) = parse_cascades(tomllib.loads(block), Settings(), "docs/cascades.md")
+    assert (preset.stage2_kind, preset.stage2_on_cpu) == ("onnx-cross-encoder", True)
+    stage1_name = preset.stage1
+    served = block.replace(f'"{stage1_name}"', f'"{tiny_models.stage1}"').replace(
+        f'"{tokens[3]}"', f'"{quantized.directory}"'
+    )
+    cascades = tmp_path / "cascades.toml"
+    cascades.write_text(served, encoding="utf-8")
+    env = torch_free_env(
+        torch_free_site,
+        env_for(tiny_models, tmp_path, RERANKER_DEVICE="auto", RERANKER_CASCADES=str(cascades)),
+    )
+    docs = [*PASSAGES, "the tower of paris", "a capital city in europe"]
+    with torch_free_server(env) as (url, _):
+        body = httpx.post(
+            f"{url}/rerank", json={"query": QUERY, "documents": docs, "top_k": 3}, timeout=30
+        ).json()
+    first = FlashRankRunner(tiny_models.stage1, next(tiny_models.stage1.glob("*.onnx"))).score(
+        QUERY, docs
+    )
+    kept = sorted(range(len(docs)), key=lambda i: -first[i])[: preset.candidates]
+    second = OnnxCrossEncoderRunner(quantized.directory).score(QUERY, [docs[i] for i in kept])
+    assert [s["device"] for s in body["stages"]] == ["cpu", "cpu"]
+    assert body["stages"][1]["documents"] == preset.candidates
+    assert [r["index"] for r in body["results"]] == [
+        kept[j] for j in sorted(range(len(kept)), key=lambda j: -second[j])
+    ][:3]
