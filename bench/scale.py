@@ -357,6 +357,9 @@ def main() -> int:
             f"{report.rps:.1f} ({report.rps / base:.2f}x) | {report.percentile(50) * 1000:.0f} | "
             f"{report.percentile(99) * 1000:.0f} |"
         )
+    for name, report in rows:
+        for failure in report.failures[:5]:
+            print(f"failed ({name}): {failure}")
     return 0
 
 

@@ -210,6 +210,8 @@ def test_balancer_retries_on_another_replica_and_outwaits_the_server() -> None:
     assert int(template[2]) >= 3
     (default_server,) = [line.split() for line in backend if line.startswith("default-server ")]
     assert {"check", "resolvers", "docker", "init-addr", "none"} <= set(default_server)
+    # A draining replica's first 503 takes it out, so the retry goes elsewhere.
+    assert {"observe", "layer7", "on-error", "mark-down"} <= set(default_server)
 
 
 def test_balancer_health_check_is_the_servers_readiness(make_settings: Any) -> None:
