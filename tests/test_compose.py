@@ -189,6 +189,7 @@ def test_balancer_retries_on_another_replica_and_outwaits_the_server() -> None:
     sections = haproxy_sections()
     defaults = sections["defaults"]
     assert "option redispatch 1" in defaults
+    assert "option http-buffer-request" in defaults  # a request is retried only when held whole
     (retry_on,) = [line.split()[1:] for line in defaults if line.startswith("retry-on ")]
     assert {"conn-failure", "empty-response", "response-timeout", "503"} <= set(retry_on)
     (retries,) = [int(line.split()[1]) for line in defaults if line.startswith("retries ")]
