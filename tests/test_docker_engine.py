@@ -131,7 +131,7 @@ def test_the_image_serves_turns_healthy_and_stops_with_0(
     )
     assert answer.status_code == 200 and len(answer.json()["results"]) == 2
     assert len(answer.json()["stages"]) == 2  # FlashRank, then the ONNX cross-encoder
-    assert "Swagger UI" in httpx.get(f"http://127.0.0.1:{port}/docs", timeout=10).text
+    assert "SwaggerUIBundle" in httpx.get(f"http://127.0.0.1:{port}/docs", timeout=10).text
     grace = stop_grace_s(Settings().drain_timeout_s)
     docker("stop", "-t", str(grace), container, timeout=grace + 30)
     assert _state(container, ".State.ExitCode") == "0"
