@@ -196,7 +196,7 @@ def test_a_gpu_fault_falls_back_to_stage1(fault: Callable[[], Exception], reason
     assert f"the GPU failed ({reason})" in out.plan_reason
     assert [s.stage for s in out.stages] == ["stage1"]
     assert [r.index for r in out.results] == [4, 1]  # stage 1's order
-    assert e.gate.state()["gpu_state"] == "cooling_down" and acc.cache_emptied == 1
+    assert e.gate.snapshot().state == "cooling_down" and acc.cache_emptied == 1
     assert e.rerank(job()).plan_reason == "GPU not usable (cooldown)"
 
 

@@ -19,12 +19,11 @@ from typing import Any
 from fastapi import Request
 from starlette.types import Receive
 
-from ..engine.trace import current_trace
 from ..errors import InvalidRequestError, RequestCancelledError
 from ..service import RerankService
 from ..types import Cancellation, RerankJob, RerankOutcome
 from .schemas import Usage
-from .telemetry import cache_wanted
+from .telemetry import Answered, cache_wanted, record_answer
 
 # raw_scores: logit(p) with p kept this far from 0 and 1 (|logit| <= 20.7).
 LOGIT_EPSILON = 1e-9
@@ -46,11 +45,10 @@ async def answer(
     errors (`documents`, `jobs[2]`) to the request's fields (`texts`, `requests[2]`). The
     request's cache opt-out (`Cache-Control: no-cache`, `X-Reranker-Cache: off`) goes into the
     jobs. When the client disconnects before the answer is ready the jobs are cancelled (their
-    queued pairs are dropped) and the request ends as `RequestCancelledError` (499).
+    queued pairs are dropped) and the request ends as `RequestCancelledError` (499). The jobs
+    and their outcomes are handed to the telemetry middleware (headers, metrics, the log line).
     """
-    trace = current_trace.get()
-    if trace is not None:
-        trace.dialect = dialect
+    record_answer(request.scope, Answered(dialect))
     use_cache = cache_wanted({k.lower(): v for k, v in request.headers.items()})
     cancel = Cancellation()
     jobs = [dataclasses.replace(job, use_cache=use_cache, cancel=cancel) for job in jobs]
@@ -64,6 +62,7 @@ async def answer(
         raise exc.renamed(names or {}) from exc
     if cancel.reason == CLIENT_CLOSED:  # it left while the last pairs ran: nobody reads this
         raise RequestCancelledError(f"request cancelled: {CLIENT_CLOSED}")
+    record_answer(request.scope, Answered(dialect, tuple(jobs), tuple(outcomes)))
     return outcomes
 
 

@@ -19,17 +19,19 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 from ..devices import GpuGate
 from ..errors import InferenceError, InvalidRequestError, RerankerError, raise_if_cancelled
 from ..runners.base import Runner
 from ..types import (
     Backend,
+    CacheStatus,
+    EngineStatus,
     FallbackReason,
     LongDocPolicy,
     RerankJob,
     RerankOutcome,
+    RunnerStatus,
     ScoredDocument,
     StageReport,
     job_part_names,
@@ -49,7 +51,7 @@ from .plan import (
     failed,
     word_tokens,
 )
-from .scheduler import Lane, Scheduler
+from .scheduler import Lane, Scheduler, Scored
 from .windows import Windower, WindowPlan
 
 logger = logging.getLogger(__name__)
@@ -63,31 +65,14 @@ def _rank(scores: Sequence[float]) -> list[int]:
     return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
 
 
+def _runner_status(runner: Runner) -> RunnerStatus:
+    return RunnerStatus(runner.name, runner.device, runner.precision, tuple(runner.stats().items()))
+
+
 def _checked(scores: list[float], expected: int, runner: Runner) -> list[float]:
     if len(scores) != expected or not all(math.isfinite(s) for s in scores):
         raise InferenceError(f"the {runner.name} model returned invalid scores")
     return scores
-
-
-@dataclass(frozen=True)
-class EngineStatus:
-    """What the engine serves and how busy it is (read by /health and /metrics)."""
-
-    stage1: Runner
-    stage2_gpu: Runner | None
-    stage2_cpu: Runner | None
-    gate: GpuGate
-    cache: ScoreCache | None
-    candidates: int
-    schedulers: dict[str, Scheduler] = field(default_factory=dict)  # "cpu", "gpu"
-
-    @property
-    def stage2(self) -> Runner | None:
-        return self.stage2_gpu or self.stage2_cpu
-
-    def model_names(self) -> set[str]:
-        runners = (self.stage1, self.stage2_gpu, self.stage2_cpu)
-        return {runner.name for runner in runners if runner is not None}
 
 
 class Engine:
@@ -152,15 +137,15 @@ class Engine:
 
     def _score(
         self, runner: Runner, role: str, query: str, texts: Sequence[str], job: RerankJob | None
-    ) -> tuple[list[float], int]:
+    ) -> Scored:
         """Scores of `texts` from `runner` (through the scheduler when there is one, in the
-        job's place in line) and the tokens the model read."""
+        job's place in line), the tokens the model read and the time they waited in line."""
         raise_if_cancelled(job.cancel if job else None)
         pairs = [(query, t) for t in texts]
         scheduler = self.gpu_scheduler if role == "stage2_gpu" else self.scheduler
         if scheduler is None:  # the runner's own count of the tokens, as the scheduler's
             tokens = sum(runner.length(item) for item in runner.prepare(pairs))
-            return runner.score(query, list(texts)), tokens
+            return Scored(runner.score(query, list(texts)), tokens, 0.0)
         return scheduler.score(
             self._lane(role, runner),
             pairs,
@@ -169,20 +154,34 @@ class Engine:
             cancel=job.cancel if job else None,
         )
 
+    def schedulers(self) -> dict[str, Scheduler]:
+        """The schedulers it uses: "cpu", and "gpu" when stage 2 on the GPU has its own."""
+        found = {"cpu": self.scheduler, "gpu": self.gpu_scheduler}
+        return {
+            name: s
+            for name, s in found.items()
+            if s is not None and (name == "cpu" or s is not self.scheduler)
+        }
+
     def status(self) -> EngineStatus:
-        schedulers = {"cpu": self.scheduler, "gpu": self.gpu_scheduler}
+        """What it serves and how busy it is, as data (reads counters only)."""
+        cache = None
+        if self.cache is not None:
+            stats = self.cache.stats()
+            cache = CacheStatus(
+                self.cache.kind,
+                bool(stats["available"]),
+                int(stats["errors"]),
+                stats.get("entries"),
+                stats.get("bytes"),
+            )
         return EngineStatus(
-            stage1=self.stage1,
-            stage2_gpu=self.stage2_gpu,
-            stage2_cpu=self.stage2_cpu,
-            gate=self.gate,
-            cache=self.cache,
+            stage1=_runner_status(self.stage1),
+            stage2_gpu=_runner_status(self.stage2_gpu) if self.stage2_gpu else None,
+            stage2_cpu=_runner_status(self.stage2_cpu) if self.stage2_cpu else None,
+            cache=cache,
             candidates=self.candidates,
-            schedulers={
-                name: s
-                for name, s in schedulers.items()
-                if s is not None and (name == "cpu" or s is not self.scheduler)
-            },
+            schedulers=tuple(s.status(name) for name, s in self.schedulers().items()),
         )
 
     def close(self) -> None:
@@ -281,6 +280,8 @@ class Engine:
             pair_tokens=sum(plan.pair_tokens or ()),
             plan=choice.name,
             plan_reason=choice.reason,
+            plan_chosen=self.stage1_mode == "auto",
+            queue_wait_s=sum(stage.queued_s for stage in stages),
         )
         return outcome, None
 
@@ -347,6 +348,8 @@ class Engine:
             pair_tokens=sum(plan.pair_tokens or ()),
             plan=choice.name,
             plan_reason=choice.reason,
+            plan_chosen=self.stage1_mode == "auto",
+            queue_wait_s=sum(stage.queued_s for stage in stages),
         )
 
     def _stage2(
@@ -460,13 +463,14 @@ class Engine:
             found = self.cache.get_many(keys)
         missing = [i for i, score in enumerate(found) if score is None]
         tokens = 0
+        queued_s = 0.0
         if missing:
             todo = [texts[i] for i in missing]
             try:
                 called = time.perf_counter()
-                found_scores, counted = self._score(runner, role, query, todo, job)
+                scored = self._score(runner, role, query, todo, job)
                 model_seconds = time.perf_counter() - called
-                fresh = _checked(found_scores, len(todo), runner)
+                fresh = _checked(scored.scores, len(todo), runner)
             except RerankerError:  # ours already (invalid scores, a timeout): as it is
                 raise
             except Exception as exc:
@@ -475,7 +479,8 @@ class Engine:
                 raise InferenceError(
                     f"the {runner.name} model failed: {type(exc).__name__}"
                 ) from exc
-            tokens = sum(pair_tokens[i] for i in missing) if pair_tokens else counted
+            tokens = sum(pair_tokens[i] for i in missing) if pair_tokens else scored.tokens
+            queued_s = scored.queued_s
             self.costs.observe(role, tokens, model_seconds)  # the plan's live timings
             if keys and self.cache is not None:
                 self.cache.set_many({keys[i]: s for i, s in zip(missing, fresh, strict=True)})
@@ -485,5 +490,7 @@ class Engine:
         cached = len(texts) - len(missing) if keys else None
         stage = "stage1" if role == CPU_ROLE else "stage2"
         seconds = time.perf_counter() - started
-        report = StageReport(runner.name, runner.device, len(texts), seconds, stage, cached)
+        report = StageReport(
+            runner.name, runner.device, len(texts), seconds, stage, cached, queued_s
+        )
         return scores, report, tokens

@@ -26,12 +26,11 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import RequestCancelledError, RequestTimeoutError, raise_if_cancelled
 from ..runners.base import Pair, PairwiseRunner, Runner
-from ..types import Cancellation, next_arrival
-from .trace import current_trace
+from ..types import Cancellation, SchedulerStatus, next_arrival
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +93,14 @@ class Lane:
         return cls(name, runner, runner.max_pairs, runner.batch_tokens)
 
 
+class Scored(NamedTuple):
+    """What `Scheduler.score` returns."""
+
+    scores: list[float]
+    tokens: int  # the pairs' tokens (`Runner.length`)
+    queued_s: float  # from queuing to the first of its batches starting
+
+
 @dataclass
 class _Ticket:
     """One request's pairs in one lane."""
@@ -148,6 +155,10 @@ class Scheduler:
         """Workers running a batch now."""
         return self._busy
 
+    def status(self, name: str) -> SchedulerStatus:
+        """Its queue, busy threads and dropped pairs as data, labelled `name`."""
+        return SchedulerStatus(name, self.queued, self.busy, self.dropped)
+
     def score(
         self,
         lane: Lane,
@@ -156,13 +167,14 @@ class Scheduler:
         order: int | None = None,
         deadline: float | None = None,
         cancel: Cancellation | None = None,
-    ) -> tuple[list[float], int]:
-        """Scores of `pairs` (in order) and their total tokens; blocks until all are scored.
+    ) -> Scored:
+        """Scores of `pairs` (in order), their total tokens and how long they waited for a
+        compute thread; blocks until all are scored.
 
         `order`: the request's place in line (None: now); `deadline` (`time.monotonic()`) and
         `cancel`: when to give up, see the module docstring."""
         if not pairs:
-            return [], 0
+            return Scored([], 0, 0.0)
         if order is None:
             order = next_arrival()
         items: list[Any] = []
@@ -189,10 +201,8 @@ class Scheduler:
             self.submitted += len(items)
             self._cond.notify_all()
         self._wait(ticket, deadline, cancel)
-        trace = current_trace.get()
-        if trace is not None and ticket.started is not None:
-            trace.queue_wait_s = (trace.queue_wait_s or 0.0) + ticket.started - ticket.submitted
-        return ticket.scores, sum(lengths)
+        started = ticket.started if ticket.started is not None else ticket.submitted
+        return Scored(ticket.scores, sum(lengths), started - ticket.submitted)
 
     def _wait(self, ticket: _Ticket, deadline: float | None, cancel: Cancellation | None) -> None:
         while True:
