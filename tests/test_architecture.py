@@ -15,7 +15,11 @@ NAME = "reranker_server"
 ML_LIBRARIES = ("torch", "onnxruntime", "sentence_transformers")
 # Where the ML libraries may be imported: the runners, the device policy, and the generator of
 # the tiny test models (a tool: `reranker-server make-test-models`, never imported by a server).
-ML_ALLOWED = ("reranker_server.runners", "reranker_server.devices", "reranker_server.model_generator")
+ML_ALLOWED = (
+    "reranker_server.runners",
+    "reranker_server.devices",
+    "reranker_server.model_generator",
+)
 
 
 def module_name(path: Path) -> str:
