@@ -318,6 +318,20 @@ def test_response_log_and_metrics_name_the_plan(
     assert line["plan"] == "gpu_only" and line["plan_reason"] == answer["plan_reason"]
 
 
+def test_the_answer_names_a_plan_only_when_one_was_chosen(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Under RERANKER_STAGE1=always no plan is chosen per request: the answer leaves `plan` and
+    `plan_reason` out, the outcome says so (`plan_chosen`), the log line still names it."""
+    always = engine(CHEAP_GPU, mode="always")
+    assert not always.rerank(job()).plan_chosen and engine(CHEAP_GPU).rerank(job()).plan_chosen
+    app = create_app(make_settings(), lambda _s: engine(CHEAP_GPU, mode="always"))
+    with running(app) as url:
+        answer = httpx.post(f"{url}/rerank", json={"query": QUERY, "documents": DOCS}).json()
+    assert "plan" not in answer and "plan_reason" not in answer
+    assert [s["name"] for s in answer["stages"]] == ["stage1", "stage2"]
+
+
 def test_stage1_setting_values() -> None:
     assert Settings().stage1 == "always"
     assert Settings(stage1="auto").stage1 == "auto"
