@@ -5,6 +5,8 @@ anyone else. Short timeouts, generous bounds: nothing here measures speed."""
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -164,6 +166,67 @@ def test_past_max_connections_a_rerank_request_gets_a_json_503(
                 break
             time.sleep(0.1)
         assert again.status_code == 200
+
+
+def big_answer_request(documents: int = 400, chars: int = 16_000) -> bytes:
+    """A /rerank request whose answer echoes every document: `documents x chars` bytes and
+    more, past what the kernel's socket buffers hold (tcp_wmem's max is 4 MiB by default)."""
+    body = json.dumps(
+        {
+            "query": "capital of france",
+            "documents": [f"paris {i} ".ljust(chars, "x") for i in range(documents)],
+            "top_k": documents,
+        }
+    ).encode()
+    return post(body)
+
+
+def closed_connections(url: str, reason: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=GENEROUS_S).text
+    pattern = r'^reranker_connections_closed_total\{reason="' + reason + r'"\} (\S+)$'
+    match = re.search(pattern, text, re.MULTILINE)
+    assert match, text
+    return float(match.group(1))
+
+
+def test_a_client_that_does_not_read_its_answer_is_cut_after_the_write_timeout(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """The answer (6.4 MB) fills the socket buffers; the client reads nothing. After
+    write_timeout_s without progress the server aborts the connection (the unsent part is
+    dropped, not kept for a reader that never comes) and counts it; a client that reads gets
+    the whole answer."""
+    settings = make_settings(write_timeout_s=1.0)
+    with running(create_app(settings), **uvicorn_options(settings)) as url:
+        before = closed_connections(url, "write_timeout")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: a slow reader
+        sock.settimeout(GENEROUS_S)
+        host, port = url.removeprefix("http://").split(":")
+        sock.connect((host, int(port)))
+        sock.sendall(big_answer_request())
+        deadline = time.monotonic() + 3 * GENEROUS_S  # tokenizing 6.4 MB first, then 1 s
+        while closed_connections(url, "write_timeout") == before:
+            assert time.monotonic() < deadline, "the non-reading client was never cut"
+            time.sleep(0.2)
+        received = b""
+        with sock:  # what the kernel already held arrives; then the connection ends, cut short
+            try:
+                while chunk := sock.recv(1 << 20):
+                    received += chunk
+            except ConnectionResetError:
+                pass
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        length = int(re.search(rb"(?im)^content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        assert len(body) < length  # the answer was cut, not delivered
+        # a reader gets all of it: the timeout bounds a stall, not an answer's size
+        reader = connect(url)
+        reader.sendall(big_answer_request())
+        with reader:
+            answer = read_response(reader)
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"}")
+        assert closed_connections(url, "write_timeout") == before + 1
 
 
 def test_uvicorns_own_cli_gets_the_limits_from_the_environment(
