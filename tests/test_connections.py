@@ -11,16 +11,19 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from pathlib import Path
 
 import httpx
 import pytest
 
+from bench.serving_edges import passages, post_raw, server
 from reranker_server.app import create_app
 from reranker_server.server import HttpProtocol, uvicorn_options
 from reranker_server.settings import Settings
 
 from .conftest import running
 
+ROOT = Path(__file__).resolve().parents[1]
 GENEROUS_S = 20.0  # far past every timeout below, so a busy machine does not fail the test
 RERANK = b'{"query": "capital of france", "documents": ["paris", "berlin"], "top_k": 1}'
 
@@ -247,3 +250,33 @@ def test_uvicorns_own_cli_gets_the_limits_from_the_environment(
         )
         assert response.status_code == 200
     assert HttpProtocol.limits is not None and HttpProtocol.limits.header_timeout_s == 0.5
+
+
+@pytest.mark.slow
+def test_memory_returns_after_clients_that_never_read_their_big_answers(
+    tiny_models,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    """Issue 22's scenario on `reranker-server serve`: 4 clients each ask for a 16 MB answer
+    (1,000 documents of 16,000 characters, echoed) and read nothing. They are cut after the
+    write timeout, and 10 s later the server's RSS is within 150 MiB of idle (before: +360 MiB,
+    the clients connected as long as they liked)."""
+    models = tiny_models.stage2.parent
+    with server(ROOT, models, tmp_path, write_timeout_s=2, max_answer_bytes=64 << 20) as running:
+        small = {"query": "q", "documents": passages(10, 200, "w"), "top_k": 10}
+        assert httpx.post(running.url + "/rerank", json=small, timeout=60).status_code == 200
+        time.sleep(2)
+        idle = running.rss_mib()
+        body = json.dumps(
+            {"query": "capital of france", "documents": passages(1000, 16000, "d"), "top_k": 1000}
+        ).encode()
+        clients = [post_raw(running.port, body, rcvbuf=4096) for _ in range(4)]
+        deadline = time.monotonic() + 600  # tokenizing 4 x 16 MB on a busy machine
+        while closed_connections(running.url, "write_timeout") < 4:
+            assert time.monotonic() < deadline, "the clients were not cut"
+            time.sleep(0.5)
+        time.sleep(10)
+        after = running.rss_mib()
+        for client in clients:
+            client.close()
+    assert after - idle < 150, (idle, after)
