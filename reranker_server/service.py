@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .admission import built_jobs, check_job, check_totals
 from .devices import cuda_runtime_available
 from .engine.cascades import Cascades, ServedCascade
 from .engine.engine import Engine, EngineStatus
@@ -33,9 +34,11 @@ from .errors import (
     NotReadyError,
     RequestCancelledError,
     ShuttingDownError,
+    cut,
+    shown,
 )
 from .settings import Settings
-from .types import Cancellation, RerankJob, RerankOutcome, job_part_names
+from .types import Cancellation, RerankJob, RerankOutcome, RerankWork
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,9 @@ SHUTDOWN_REASON = "the server is shutting down"
 # poll; only tokenization or a model call made without the scheduler runs longer).
 DRAIN_POLL_S = 0.05
 CUT_OFF_GRACE_S = 10.0
+# A 404 for an unknown model lists at most this many valid names, each cut to this length.
+MAX_LISTED_NAMES = 20
+MAX_NAME_CHARS = 80
 
 
 @dataclass(frozen=True)
@@ -149,38 +155,43 @@ class RerankService:
 
     # --- answering
 
-    async def rerank(self, job: RerankJob) -> RerankOutcome:
-        """Check the job against the limits, then run its cascade in a worker thread."""
+    async def answer(self, work: RerankWork) -> list[RerankOutcome]:
+        """Admit a request's work as a whole (admission.py: totals, then each job and its model),
+        then run its jobs as one unit of work in a worker thread (one queue slot), each on the
+        cascade its `model` picks; the outcomes come back in the jobs' order. Every error names
+        the request's own field (`work.fields`)."""
         self._check_open()
-        cascade = self.cascade_for(job.model)
-        self.check(job)
-        (job,) = self._admit([job])
-        outcomes = await self._run(lambda: [_answer(cascade, job)], [job])
-        return outcomes[0]
-
-    async def rerank_batch(self, jobs: Sequence[RerankJob]) -> list[RerankOutcome]:
-        """Several jobs as one unit of work (one queue slot), answered in order; each job runs on
-        the cascade its `model` picks."""
-        self._check_open()
+        check_totals(work, self.settings)
+        self.cascade_for(work.model)
+        jobs = built_jobs(work)
         cascades = []
         for position, job in enumerate(jobs):
             try:
+                check_job(job, self.settings)
                 cascades.append(self.cascade_for(job.model))
-                self.check(job)
             except InvalidRequestError as exc:
-                raise exc.renamed(job_part_names(position)) from exc
+                raise exc.renamed(work.fields(position)) from exc
         admitted = self._admit(jobs)
 
-        def work() -> list[RerankOutcome]:
+        def run() -> list[RerankOutcome]:
             outcomes = []
             for position, (cascade, job) in enumerate(zip(cascades, admitted, strict=True)):
                 try:
                     outcomes.append(_answer(cascade, job))
                 except InvalidRequestError as exc:
-                    raise exc.renamed(job_part_names(position)) from exc
+                    raise exc.renamed(work.fields(position)) from exc
             return outcomes
 
-        return await self._run(work, admitted)
+        return await self._run(run, admitted)
+
+    async def rerank(self, job: RerankJob) -> RerankOutcome:
+        """One job (the CLI, a notebook): `answer` with work of this job alone."""
+        (outcome,) = await self.answer(RerankWork.of([job]))
+        return outcome
+
+    async def rerank_batch(self, jobs: Sequence[RerankJob]) -> list[RerankOutcome]:
+        """Several jobs as one unit of work, answered in order (errors name `jobs[i]`)."""
+        return await self.answer(RerankWork.of(jobs, batch=True))
 
     def _check_open(self) -> None:
         if self._draining:
@@ -226,37 +237,6 @@ class RerankService:
             trace.outcomes.extend(outcomes)
         return outcomes
 
-    def check(self, job: RerankJob) -> None:
-        """Raise InvalidRequestError naming the job's part and the limit it breaks."""
-        limits = self.settings
-        if not job.query.strip():
-            raise InvalidRequestError("query must not be empty", field="query")
-        if len(job.query) > limits.max_query_chars:
-            raise InvalidRequestError(
-                f"query has {len(job.query)} characters; the limit is {limits.max_query_chars} "
-                "(max_query_chars)",
-                field="query",
-            )
-        if len(job.texts) > limits.max_documents:
-            raise InvalidRequestError(
-                f"documents has {len(job.texts)} items; the limit is {limits.max_documents} "
-                "(max_documents)",
-                field="documents",
-            )
-        for i, text in enumerate(job.texts):
-            if len(text) > limits.max_document_chars:
-                raise InvalidRequestError(
-                    f"documents[{i}] has {len(text)} characters; the limit is "
-                    f"{limits.max_document_chars} (max_document_chars)",
-                    field=f"documents[{i}]",
-                )
-        if job.candidates is not None and job.candidates > limits.max_candidates:
-            raise InvalidRequestError(
-                f"candidates is {job.candidates}; the limit is {limits.max_candidates} "
-                "(RERANKER_MAX_CANDIDATES)",
-                field="candidates",
-            )
-
     def cascade_for(self, model: str | None) -> ServedCascade:
         """The cascade a request's `model` picks: by cascade name, alias or model name, else the
         default one; when the settings restrict the names (`accepted_models`), an unknown name
@@ -266,19 +246,23 @@ class RerankService:
         if found is not None:
             return found
         accepted = self.settings.accepted_model_names()
-        known = accepted | {self.settings.stage1_model, self.settings.stage2_model}
-        if model is None or not accepted or model in known:
+        if model is None or not accepted or model in accepted or model in self._setting_models():
             return cascades.default
+        names = self.model_names()
+        listed = ", ".join(cut(name, MAX_NAME_CHARS) for name in names[:MAX_LISTED_NAMES])
+        more = f" and {len(names) - MAX_LISTED_NAMES} more" if len(names) > MAX_LISTED_NAMES else ""
         raise ModelNotFoundError(
-            f"model {model!r} is not served here; ask for one of: "
-            f"{', '.join(sorted(accepted | cascades.cascade_names()))} (accepted_models and "
-            "the cascades)",
+            f"model {shown(model)} is not served here; ask for one of: {listed}{more} "
+            "(GET /v1/models lists them: the cascades, their models and accepted_models)",
             field="model",
         )
 
-    def check_model(self, name: str | None) -> None:
-        """Refuse a model name only when the settings restrict the names (`accepted_models`)."""
-        self.cascade_for(name)
+    def _setting_models(self) -> set[str]:
+        """The stage settings' model names, when they are what the server runs (no cascades
+        file: its cascades say which models run, and the stage settings are unused)."""
+        if self.settings.cascades is not None:
+            return set()
+        return {self.settings.stage1_model, self.settings.stage2_model}
 
     def served_model(self, outcome: RerankOutcome) -> str:
         """The model that produced the final order."""

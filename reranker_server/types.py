@@ -1,12 +1,13 @@
 """Value types shared by the engine, the service and the HTTP layer. Imports nothing from the
-package: `RerankJob` (one query's work, what every dialect turns its body into), `RerankOutcome`
-(the engine's answer) and the small types they hold."""
+package: `RerankJob` (one query's work), `RerankWork` (a whole request's jobs with its totals:
+what every dialect turns its body into and hands the service), `RerankOutcome` (the engine's
+answer) and the small types they hold."""
 
 from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -94,10 +95,12 @@ class LongDocPolicy:
 @dataclass(frozen=True)
 class TextTokens:
     """A text's tokens alone (no special tokens, not truncated): each token's character span and
-    the word it belongs to (None for a token outside any word)."""
+    the word it belongs to (None for a token outside any word), and their ids when the tokenizer
+    gives them (stage 1 then builds its pairs from them instead of tokenizing again)."""
 
     spans: list[tuple[int, int]]
     words: list[int | None]
+    ids: list[int] | None = field(default=None, compare=False, repr=False)
 
 
 class Cancellation:
@@ -151,8 +154,71 @@ class RerankJob:
     model: str | None = None
 
 
+# The parts of a job an error may name (service and engine errors name these; a dialect's
+# `RerankWork.fields` turns them into the request's own field paths).
+JOB_PARTS = ("query", "documents", "top_k", "candidates", "model")
+
+
 def job_part_names(position: int) -> dict[str, str]:
     """How an error names the parts of the job at `position` of a batch (`jobs[2].documents`)."""
-    return {
-        part: f"jobs[{position}].{part}" for part in ("query", "documents", "top_k", "candidates")
-    }
+    return {part: f"jobs[{position}].{part}" for part in JOB_PARTS}
+
+
+def same_names(_position: int) -> Mapping[str, str]:
+    """A request whose fields are called like the job's parts (`query`, `documents`)."""
+    return {}
+
+
+@dataclass(frozen=True)
+class RerankWork:
+    """A whole request as a dialect hands it to the service: the request's totals, which the
+    service checks against the limits before anything else, and how to build its jobs (only once
+    the totals pass: a 1.5 M-pair body is refused before 1.5 M jobs exist).
+
+    Every field but the last ones is required, so a dialect cannot hand over work without saying
+    what it asks for; the service refuses work whose jobs disagree with its totals.
+
+    `documents`: texts to score in the whole request (vLLM pairs: the pairs). `queries`: jobs.
+    `answer_bytes`: the most bytes the answer can take (texts and documents it echoes; see
+    api/answer.py). `build`: the jobs, `queries` of them holding `documents` texts in all.
+    `fields(position)`: how the request names the parts of the job at `position`
+    (`{"query": "text_1[3]", "documents[0]": "text_2[3]"}`; keys from JOB_PARTS, optionally
+    with an index). `documents_field`: the request's name for all its texts (`text_2`);
+    `answer_field`: what makes the answer large (`return_documents`). `model`: the name the
+    request as a whole asks for (a batch item's own `model` is its job's). `batch`: several
+    queries answered as one unit (`max_batch_requests` applies; `max_documents` per job).
+    """
+
+    documents: int
+    queries: int
+    answer_bytes: int
+    build: Callable[[], Sequence[RerankJob]]
+    fields: Callable[[int], Mapping[str, str]] = same_names
+    documents_field: str = "documents"
+    answer_field: str = "documents"
+    model: str | None = None
+    batch: bool = False
+
+    @classmethod
+    def of(cls, jobs: Sequence[RerankJob], batch: bool = False) -> RerankWork:
+        """Work from jobs already built (the CLI, a notebook, tests): totals counted from them,
+        nothing echoed."""
+        held = list(jobs)
+        return cls(
+            documents=sum(len(job.texts) for job in held),
+            queries=len(held),
+            answer_bytes=0,
+            build=lambda: held,
+            fields=job_part_names if batch else same_names,
+            batch=batch,
+        )
+
+
+def unencodable(text: str) -> str | None:
+    """None for text that is valid Unicode; else where it is not (a lone UTF-16 surrogate, which
+    JSON's \\uXXXX escapes can carry, but neither UTF-8 nor a tokenizer can)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"a lone UTF-16 surrogate (\\u{ord(text[exc.start]):04x}) at character {exc.start}"
+    return None

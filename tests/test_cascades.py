@@ -248,6 +248,9 @@ def test_with_accepted_models_an_unknown_name_is_a_404_in_every_dialect(
             error = refused.json()
             assert error["error_type"] == "model_not_found" and error["field"] == "model"
             assert "legacy-name" in error["error"] and "longest" in error["error"]
+            for unused in (settings.stage1_model, settings.stage2_model):  # the file decides
+                response = httpx.post(f"{url}{route}", json={**body, "model": unused})
+                assert response.status_code == 404, (route, unused)
         batch_item = {"requests": [item, {**item, "model": "nope"}]}
         refused = httpx.post(f"{url}/rerank/batch", json=batch_item)
         assert refused.status_code == 404

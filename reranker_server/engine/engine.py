@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..devices import GpuGate
 from ..errors import InferenceError, InvalidRequestError, RerankerError, raise_if_cancelled
@@ -50,6 +51,7 @@ from .plan import (
     word_tokens,
 )
 from .scheduler import Lane, Scheduler
+from .stage1_stream import Stage1Stream
 from .windows import Windower, WindowPlan
 
 logger = logging.getLogger(__name__)
@@ -151,10 +153,17 @@ class Engine:
         return self._lanes[role]
 
     def _score(
-        self, runner: Runner, role: str, query: str, texts: Sequence[str], job: RerankJob | None
+        self,
+        runner: Runner,
+        role: str,
+        query: str,
+        texts: Sequence[str],
+        job: RerankJob | None,
+        items: Sequence[Any] | None = None,
     ) -> tuple[list[float], int]:
         """Scores of `texts` from `runner` (through the scheduler when there is one, in the
-        job's place in line) and the tokens the model read."""
+        job's place in line) and the tokens the model read. `items`: the pairs as the runner
+        prepared them already (the window plan's, for stage 1); None: tokenized here."""
         raise_if_cancelled(job.cancel if job else None)
         pairs = [(query, t) for t in texts]
         scheduler = self.gpu_scheduler if role == "stage2_gpu" else self.scheduler
@@ -167,6 +176,7 @@ class Engine:
             order=job.order if job else None,
             deadline=job.deadline if job else None,
             cancel=job.cancel if job else None,
+            items=items,
         )
 
     def status(self) -> EngineStatus:
@@ -193,14 +203,29 @@ class Engine:
     def rerank(self, job: RerankJob) -> RerankOutcome:
         """The job's best `min(top_k, len(texts))` documents, best first."""
         documents = job.texts
-        plan = (
-            self.windows.plan(
-                job.query, documents, job.policy or self.long_documents, cancel=job.cancel
-            )
-            if self.windows is not None and documents
-            else WindowPlan.whole(job.query, documents)
+        policy = job.policy or self.long_documents
+        if self.windows is None or not documents:
+            return self._rerank(WindowPlan.whole(job.query, documents), job)
+        if self.scheduler is None or self.stage1_mode == "auto":  # the plan decides first
+            return self._rerank(self.windows.plan(job.query, documents, policy, job.cancel), job)
+        # Stage 1 starts on each group of windows as soon as it is tokenized.
+        use_cache = job.use_cache and self.cache is not None
+        stream = Stage1Stream(
+            self.scheduler.open(
+                self._lane(CPU_ROLE, self.stage1),
+                order=job.order,
+                deadline=job.deadline,
+                cancel=job.cancel,
+            ),
+            self.cache if use_cache else None,
+            self._namespaces["stage1"],
         )
-        return self._rerank(plan, job)
+        try:
+            plan = self.windows.plan(job.query, documents, policy, job.cancel, sink=stream)
+            return self._rerank(plan, job, stream)
+        except BaseException:
+            stream.drop()  # nobody waits for what was queued
+            raise
 
     def rerank_many(self, jobs: Sequence[RerankJob]) -> list[RerankOutcome]:
         """`rerank` for several jobs in one call, answered in order.
@@ -216,8 +241,11 @@ class Engine:
                 raise exc.renamed(job_part_names(position)) from exc
         return outcomes
 
-    def _rerank(self, plan: WindowPlan, job: RerankJob) -> RerankOutcome:
-        """The request's plan over `plan`'s windows; a document's score is its best window's."""
+    def _rerank(
+        self, plan: WindowPlan, job: RerankJob, stream: Stage1Stream | None = None
+    ) -> RerankOutcome:
+        """The request's plan over `plan`'s windows; a document's score is its best window's.
+        `stream`: stage 1 already under way (the cascade, in `always` mode)."""
         if not job.texts:
             return RerankOutcome(results=[], backend="cpu")
         use_cache = job.use_cache and self.cache is not None
@@ -228,7 +256,7 @@ class Engine:
             if outcome is not None:
                 return outcome
             choice = failed(choice, fault or "cuda_error")
-        return self._cascade(plan, job, choice, use_cache, fault)
+        return self._cascade(plan, job, choice, use_cache, fault, stream)
 
     def _choose(self, plan: WindowPlan) -> Plan:
         """`always`: the cascade. `auto`: skip stage 1 when the GPU is usable and estimated
@@ -291,13 +319,22 @@ class Engine:
         choice: Plan,
         use_cache: bool,
         gpu_fault: FallbackReason | None = None,
+        stream: Stage1Stream | None = None,
     ) -> RerankOutcome:
         """Stage 1 over every window, stage 2 over the candidates' windows. `gpu_fault`: the
-        GPU already failed this request (stage 2 skips it)."""
+        GPU already failed this request (stage 2 skips it). `stream`: stage 1 under way."""
         documents, top_k = job.texts, job.top_k
         query = plan.query
         window_scores, report, tokens = self._run(
-            self.stage1, CPU_ROLE, query, plan.texts, use_cache, job, plan.pair_tokens
+            self.stage1,
+            CPU_ROLE,
+            query,
+            plan.texts,
+            use_cache,
+            job,
+            plan.pair_tokens,
+            plan.items,
+            stream,
         )
         stages = [report]
         first = plan.best(range(len(plan.texts)), window_scores)
@@ -447,15 +484,22 @@ class Engine:
         use_cache: bool,
         job: RerankJob,
         pair_tokens: Sequence[int] | None = None,
+        items: Sequence[Any] | None = None,
+        stream: Stage1Stream | None = None,
     ) -> tuple[list[float], StageReport, int]:
         """Scores of `texts` (cached ones looked up, the rest from `runner`), the stage's report
         and the tokens the model processed (`pair_tokens`: each pair's tokens as stage 1's
-        tokenizer counted them; None: the runner's count). The model's time per token feeds
-        the plan's cost estimates (`costs`)."""
+        tokenizer counted them; None: the runner's count). `items`: the runner's items of the
+        pairs, made already (stage 1: the window plan's). `stream`: the lookups done and the
+        rest queued already, while the plan was tokenizing (the stage's time starts with its
+        first group). The model's time per token feeds the plan's cost estimates (`costs`)."""
         started = time.perf_counter()
         keys: list[str] = []
         found: list[float | None] = [None] * len(texts)
-        if use_cache and self.cache is not None:
+        if stream is not None:
+            started = stream.started if stream.started is not None else started
+            keys, found = stream.keys, list(stream.found)
+        elif use_cache and self.cache is not None:
             keys = pair_keys(self._namespaces[role], query, texts)
             found = self.cache.get_many(keys)
         missing = [i for i, score in enumerate(found) if score is None]
@@ -463,8 +507,19 @@ class Engine:
         if missing:
             todo = [texts[i] for i in missing]
             try:
-                called = time.perf_counter()
-                found_scores, counted = self._score(runner, role, query, todo, job)
+                called = started if stream is not None else time.perf_counter()
+                found_scores, counted = (
+                    stream.wait()
+                    if stream is not None
+                    else self._score(
+                        runner,
+                        role,
+                        query,
+                        todo,
+                        job,
+                        [items[i] for i in missing] if items is not None else None,
+                    )
+                )
                 model_seconds = time.perf_counter() - called
                 fresh = _checked(found_scores, len(todo), runner)
             except RerankerError:  # ours already (invalid scores, a timeout): as it is

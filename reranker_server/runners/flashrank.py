@@ -30,6 +30,7 @@ from tokenizers import AddedToken, Encoding, Tokenizer
 from ..errors import ModelLoadError
 from ..types import TextTokens
 from .onnx_inputs import padded_inputs
+from .pair_template import PairIds, PairTemplate
 
 if TYPE_CHECKING:
     from ..devices import Accelerator
@@ -56,6 +57,12 @@ def load_flashrank_tokenizer(directory: Path, max_length: int) -> tuple[Tokenize
         elif isinstance(token, dict):
             tokenizer.add_special_tokens([AddedToken(**token)])
     return tokenizer, int(config.get("pad_token_id") or 0)
+
+
+def _pre_tokenizer(tokenizer: Tokenizer) -> str | None:
+    """The type of the tokenizer's pre-tokenizer (None: none)."""
+    found = json.loads(tokenizer.to_str()).get("pre_tokenizer")
+    return found.get("type") if isinstance(found, dict) else None
 
 
 def _json_or_empty(path: Path) -> dict[str, Any]:
@@ -125,6 +132,11 @@ class FlashRankRunner:
         self.pair_special_tokens: int = self._tokenizer.num_special_tokens_to_add(True)
         self._untruncated = Tokenizer.from_str(self._tokenizer.to_str())
         self._untruncated.no_truncation()
+        self._template = PairTemplate.learn(self._tokenizer)
+        # BERT's pre-tokenizer splits words on whitespace and punctuation alone, so a text cut
+        # at word boundaries tokenizes as that slice of its tokens: windows reuse their ids.
+        # (A sentencepiece tokenizer marks a text's first word: its windows are tokenized.)
+        self.word_local_tokens: bool = _pre_tokenizer(self._tokenizer) == "BertPreTokenizer"
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -150,11 +162,49 @@ class FlashRankRunner:
         """Encode pairs, truncated, unpadded (the scheduler's pre step)."""
         return list(self._tokenizer.encode_batch(list(pairs)))
 
+    def prepare_tokens(
+        self,
+        query: str,
+        query_ids: list[int] | None,
+        texts: Sequence[str],
+        ids: Sequence[list[int] | None],
+    ) -> list[Encoding | PairIds] | None:
+        """The items `prepare` makes of (query, text) pairs, from the ids `encode_texts` gave
+        (tokenize once: engine/windows.py); a text (or the query) without ids is tokenized
+        alone here. None when the tokenizer's pair layout is unknown. A pair longer than
+        `max_length` (the window plan makes none) is tokenized as a pair, to truncate it as
+        FlashRank does."""
+        template = self._template
+        if template is None:
+            return None
+        if query_ids is None:
+            query_ids = self._alone([query])[0]
+        todo = [i for i, known in enumerate(ids) if known is None]
+        alone = dict(zip(todo, self._alone([texts[i] for i in todo]), strict=True))
+        room = self.max_length - template.special_tokens - len(query_ids)
+        items: list[Encoding | PairIds] = []
+        for i, text in enumerate(texts):
+            text_ids = ids[i]
+            if text_ids is None:
+                text_ids = alone[i]
+            if len(text_ids) <= room:
+                items.append(template.build(query_ids, text_ids))
+            else:
+                items += self.prepare([(query, text)])
+        return items
+
+    def _alone(self, texts: Sequence[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return [
+            e.ids for e in self._untruncated.encode_batch(list(texts), add_special_tokens=False)
+        ]
+
     @staticmethod
-    def length(encoding: Encoding) -> int:
+    def length(encoding: Encoding | PairIds) -> int:
         return len(encoding.ids)
 
-    def run(self, encodings: Sequence[Encoding]) -> list[float]:
+    def run(self, encodings: Sequence[Encoding | PairIds]) -> list[float]:
         """Scores of encodings the caller grouped into one allowed batch."""
         return [float(s) for s in self._forward(encodings)]
 
@@ -162,7 +212,7 @@ class FlashRankRunner:
         """Each text alone, untruncated, without special tokens: token spans and words (the
         engine cuts long documents into windows with these, see engine/windows.py)."""
         encodings = self._untruncated.encode_batch(list(texts), add_special_tokens=False)
-        return [TextTokens(e.offsets, e.word_ids) for e in encodings]
+        return [TextTokens(e.offsets, e.word_ids, e.ids) for e in encodings]
 
     def score(self, query: str, documents: Sequence[str]) -> list[float]:
         return self.score_pairs([(query, doc) for doc in documents])
@@ -180,7 +230,7 @@ class FlashRankRunner:
             scores[batch] = self._forward([encodings[i] for i in batch])
         return [float(s) for s in scores]
 
-    def _forward(self, encodings: Sequence[Encoding]) -> np.ndarray:
+    def _forward(self, encodings: Sequence[Encoding | PairIds]) -> np.ndarray:
         feed = padded_inputs(encodings, self._pad_id, self._input_names)
         logits = self._session.run(None, feed)[0]
         # The same arithmetic as flashrank.Ranker.rerank, in float32.
