@@ -2,9 +2,10 @@
 
 It owns the models' lifetime (loaded by `start`, released by `close`), admission and the worker
 pool, the request limits, cancellation and the drain before shutdown; it answers `RerankJob`s
-with `RerankOutcome`s and reports `status()` (models served, devices, GPU gate, schedulers,
-cache). It holds one engine per named cascade (cascade_file.py) and runs each job on the cascade
-its `model` picks. Nothing outside it touches the engines or the devices.
+with `RerankOutcome`s (each with its own stage timings, queue wait and plan) and reports
+`status()`: a frozen snapshot of the models served, devices, GPU gate, schedulers and cache. It
+holds one engine per named cascade (cascade_file.py) and runs each job on the cascade its `model`
+picks. Nothing outside it touches the engines or the devices.
 
     service = RerankService(Settings())
     await service.start()
@@ -18,16 +19,12 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 from .admission import built_jobs, check_job, check_totals
 from .devices import cuda_runtime_available
 from .engine.cascades import Cascades, ServedCascade
-from .engine.engine import Engine, EngineStatus
+from .engine.engine import Engine
 from .engine.pool import InferencePool
-from .engine.scheduler import Scheduler
-from .engine.trace import current_trace
 from .errors import (
     InvalidRequestError,
     ModelNotFoundError,
@@ -38,7 +35,14 @@ from .errors import (
     shown,
 )
 from .settings import Settings
-from .types import Cancellation, RerankJob, RerankOutcome, RerankWork
+from .types import (
+    Cancellation,
+    CascadeStatus,
+    RerankJob,
+    RerankOutcome,
+    RerankWork,
+    ServiceStatus,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,31 +59,6 @@ CUT_OFF_GRACE_S = 10.0
 # A 404 for an unknown model lists at most this many valid names, each cut to this length.
 MAX_LISTED_NAMES = 20
 MAX_NAME_CHARS = 80
-
-
-@dataclass(frozen=True)
-class CascadeStatus:
-    """One cascade: the names that pick it and what its engine serves."""
-
-    name: str
-    aliases: tuple[str, ...]
-    default: bool
-    engine: EngineStatus
-
-
-@dataclass(frozen=True)
-class ServiceStatus:
-    """A snapshot for /health and /metrics."""
-
-    loaded: bool
-    cuda_available: bool
-    model_load_seconds: float | None
-    in_flight: int  # requests admitted, running or queued
-    running: int  # requests in a worker thread now
-    queued: int  # requests admitted and waiting for a worker
-    engine: EngineStatus | None  # the default cascade's; None until the models are loaded
-    cascades: tuple[CascadeStatus, ...] = ()  # every cascade, the default first
-    schedulers: dict[str, Scheduler] = field(default_factory=dict)  # each once, all cascades
 
 
 class RerankService:
@@ -211,14 +190,19 @@ class RerankService:
     async def _run(
         self, work: Callable[[], list[RerankOutcome]], jobs: Sequence[RerankJob]
     ) -> list[RerankOutcome]:
-        trace = current_trace.get()
-        if trace is not None and jobs:
-            trace.use_cache = jobs[0].use_cache
-            trace.top_k, trace.query, trace.documents = jobs[0].top_k, jobs[0].query, jobs[0].texts
+        """Run `work` in a request thread; the first outcome's queue wait gets the time the
+        request waited for that thread (the later jobs of a batch waited for their elders only)."""
+        submitted = time.perf_counter()
+        started: list[float] = []
+
+        def timed() -> list[RerankOutcome]:
+            started.append(time.perf_counter())
+            return work()
+
         handles = {job.cancel for job in jobs if job.cancel is not None}
         self._active |= handles
         try:
-            outcomes = await self.pool.run(work, jobs[0].deadline if jobs else None)
+            outcomes = await self.pool.run(timed, jobs[0].deadline if jobs else None)
         except RequestCancelledError as exc:
             if any(cancel.reason == SHUTDOWN_REASON for cancel in handles):
                 raise ShuttingDownError(
@@ -233,8 +217,10 @@ class RerankService:
             raise
         finally:
             self._active -= handles
-        if trace is not None:
-            trace.outcomes.extend(outcomes)
+        if outcomes and started:
+            first = outcomes[0]
+            waited = first.queue_wait_s + started[0] - submitted
+            outcomes[0] = dataclasses.replace(first, queue_wait_s=waited)
         return outcomes
 
     def cascade_for(self, model: str | None) -> ServedCascade:
@@ -285,35 +271,41 @@ class RerankService:
 
     # --- reporting
 
-    def status(self) -> ServiceStatus:
-        """Cheap: reads counters, runs no model, touches no device."""
+    def status(self, read_gpu_memory: bool = False) -> ServiceStatus:
+        """A frozen snapshot. Cheap: reads counters, runs no model; touches the device only with
+        `read_gpu_memory` (then call it off the event loop, as `snapshot` does)."""
         cascades = self._cascades
-        per_cascade = (
-            tuple(
-                CascadeStatus(c.name, c.aliases, c is cascades.default, c.engine.status())
-                for c in cascades
+        if cascades is None:
+            return ServiceStatus(
+                loaded=False,
+                cuda_available=self._cuda_available,
+                model_load_seconds=self._load_seconds,
+                in_flight=self.pool.pending,
+                running=self.pool.running,
+                queued=self.pool.queued,
+                engine=None,
             )
-            if cascades is not None
-            else ()
+        per_cascade = tuple(
+            CascadeStatus(c.name, c.aliases, c is cascades.default, c.engine.status())
+            for c in cascades
         )
         return ServiceStatus(
-            loaded=cascades is not None,
+            loaded=True,
             cuda_available=self._cuda_available,
             model_load_seconds=self._load_seconds,
             in_flight=self.pool.pending,
             running=self.pool.running,
             queued=self.pool.queued,
-            engine=per_cascade[0].engine if per_cascade else None,
+            engine=per_cascade[0].engine,
             cascades=per_cascade,
-            schedulers=cascades.schedulers() if cascades is not None else {},
+            schedulers=tuple(s.status(name) for name, s in cascades.schedulers().items()),
+            gpu=cascades.default.engine.gate.snapshot(read_memory=read_gpu_memory),
         )
 
-    async def gpu_state(self) -> dict[str, Any]:
-        """The GPU gate's state (device memory is read off the event loop: a wedged CUDA
-        context must not freeze the server)."""
-        if self._cascades is None:
-            return {}
-        return await asyncio.to_thread(self._cascades.default.engine.gate.state)
+    async def snapshot(self) -> ServiceStatus:
+        """`status` with the GPU's memory read, in a thread (a wedged CUDA context must not
+        freeze the event loop)."""
+        return await asyncio.to_thread(self.status, True)
 
     async def check_ready(self) -> None:
         """One pair through each stage-1 model, not through the request queue (a busy server is

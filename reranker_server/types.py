@@ -1,7 +1,9 @@
 """Value types shared by the engine, the service and the HTTP layer. Imports nothing from the
 package: `RerankJob` (one query's work), `RerankWork` (a whole request's jobs with its totals:
 what every dialect turns its body into and hands the service), `RerankOutcome` (the engine's
-answer) and the small types they hold."""
+answer, with its own timings and plan), the status snapshots (`ServiceStatus` and what it holds:
+frozen data read by /health and /metrics, never live runners, gates, schedulers or caches) and
+the small types they hold."""
 
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ class StageReport:
     seconds: float
     stage: str = ""  # "stage1" | "stage2"
     cached: int | None = None  # documents answered from the score cache; None: cache not used
+    queued_s: float = 0.0  # of `seconds`, the time its pairs waited for a compute thread
 
     @property
     def computed(self) -> int:
@@ -64,6 +67,10 @@ class RerankOutcome:
     cascade: str = ""  # the cascade that answered (set by the service)
     plan: PlanName = "cascade"  # gpu_only: stage 1 skipped, stage 2 scored every document
     plan_reason: str = ""  # why (engine/plan.py), e.g. "gpu est 12 ms < cpu est 300 ms"
+    plan_chosen: bool = False  # the plan was chosen for this request (RERANKER_STAGE1=auto)
+    # Seconds the job waited in line: its stages' pairs for a compute thread and (the first job
+    # of a unit of work only) the request for a request thread (service.py).
+    queue_wait_s: float = 0.0
 
     @property
     def cache_hits(self) -> int:
@@ -222,3 +229,109 @@ def unencodable(text: str) -> str | None:
     except UnicodeEncodeError as exc:
         return f"a lone UTF-16 surrogate (\\u{ord(text[exc.start]):04x}) at character {exc.start}"
     return None
+
+
+# --- status snapshots: what /health and /metrics read (service.status()); frozen data only
+
+
+@dataclass(frozen=True)
+class RunnerStatus:
+    """A loaded model: its name, device and precision, and its counters (`stats`, e.g.
+    `oom_retries`) when the snapshot was taken."""
+
+    name: str
+    device: str
+    precision: str
+    stats: tuple[tuple[str, float], ...] = ()
+
+    def stat(self, key: str) -> float:
+        return dict(self.stats).get(key, 0.0)
+
+
+@dataclass(frozen=True)
+class SchedulerStatus:
+    """A scheduler's pairs waiting for a compute thread, threads computing, pairs dropped."""
+
+    name: str  # "cpu", "gpu"
+    queued: int
+    busy: int
+    dropped: int
+
+
+@dataclass(frozen=True)
+class CacheStatus:
+    """The score cache: its backend, whether it answers, failed operations, and (in-process
+    cache only) its entries and estimated bytes."""
+
+    kind: str  # "memory" | "redis"
+    available: bool
+    errors: int
+    entries: int | None = None
+    bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class GpuStatus:
+    """The GPU gate (the breaker in front of stage 2 on the GPU).
+
+    `state`: `absent` (no GPU), `ok`, `cooling_down` (resting after a fault: answers come from
+    stage 1), `probing` (the next request tries one pair first), `degraded` (less free memory
+    than the minimum). Memory figures are None when not read (a snapshot taken without touching
+    the device) or unreadable; `degraded` needs them."""
+
+    state: str
+    device: str | None = None
+    name: str | None = None
+    free_mb: float | None = None
+    total_mb: float | None = None
+    last_failure: str | None = None
+    cooldown_remaining_s: float | None = None
+    cooldown_until: float | None = None  # wall clock (time.time())
+    failures: tuple[tuple[str, int], ...] = ()  # by failure kind
+    probes: tuple[tuple[str, int], ...] = ()  # ("passed", n), ("failed", n)
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """What one engine (one cascade) serves and how busy its schedulers are."""
+
+    stage1: RunnerStatus
+    stage2_gpu: RunnerStatus | None
+    stage2_cpu: RunnerStatus | None
+    cache: CacheStatus | None
+    candidates: int
+    schedulers: tuple[SchedulerStatus, ...] = ()
+
+    @property
+    def stage2(self) -> RunnerStatus | None:
+        return self.stage2_gpu or self.stage2_cpu
+
+    def model_names(self) -> set[str]:
+        runners = (self.stage1, self.stage2_gpu, self.stage2_cpu)
+        return {runner.name for runner in runners if runner is not None}
+
+
+@dataclass(frozen=True)
+class CascadeStatus:
+    """One cascade: the names that pick it and what its engine serves."""
+
+    name: str
+    aliases: tuple[str, ...]
+    default: bool
+    engine: EngineStatus
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """A snapshot for /health and /metrics."""
+
+    loaded: bool
+    cuda_available: bool
+    model_load_seconds: float | None
+    in_flight: int  # requests admitted, running or queued
+    running: int  # requests in a worker thread now
+    queued: int  # requests admitted and waiting for a worker
+    engine: EngineStatus | None  # the default cascade's; None until the models are loaded
+    cascades: tuple[CascadeStatus, ...] = ()  # every cascade, the default first
+    schedulers: tuple[SchedulerStatus, ...] = ()  # each once, all cascades
+    gpu: GpuStatus | None = None  # the default cascade's GPU gate; None until loaded

@@ -270,8 +270,8 @@ def test_a_model_two_cascades_use_is_loaded_once(
     assert loads["by-length", "longest"] == 1 and loads["by-length", "shortest"] == 1
     status = application.service.status()
     engines = [c.engine for c in status.cascades]
-    assert len({id(e.stage1) for e in engines}) == 1
-    assert list(status.schedulers) == ["cpu"]  # one CPU scheduler for every cascade
+    assert len({e.stage1 for e in engines}) == 1
+    assert [s.name for s in status.schedulers] == ["cpu"]  # one CPU scheduler for every cascade
 
 
 # --- /health, /metrics, /v1/models

@@ -22,12 +22,11 @@ from typing import Any
 from fastapi import Request
 from starlette.types import Receive
 
-from ..engine.trace import current_trace
 from ..errors import InvalidRequestError, RequestCancelledError
 from ..service import RerankService
-from ..types import Cancellation, RerankOutcome, RerankWork
+from ..types import Cancellation, RerankJob, RerankOutcome, RerankWork
 from .schemas import Usage
-from .telemetry import cache_wanted
+from .telemetry import Answered, cache_wanted, record_answer
 
 # raw_scores: logit(p) with p kept this far from 0 and 1 (|logit| <= 20.7).
 LOGIT_EPSILON = 1e-9
@@ -50,24 +49,25 @@ async def answer(
     `dialect` labels the request in metrics and logs. The request's cache opt-out
     (`Cache-Control: no-cache`, `X-Reranker-Cache: off`) goes into the jobs. When the client
     disconnects before the answer is ready the jobs are cancelled (their queued pairs are
-    dropped) and the request ends as `RequestCancelledError` (499).
+    dropped) and the request ends as `RequestCancelledError` (499). The jobs and their outcomes
+    are handed to the telemetry middleware (`Answered`: headers, metrics, the log line).
     """
-    trace = current_trace.get()
-    if trace is not None:
-        trace.dialect = dialect
+    record_answer(request.scope, Answered(dialect))
     use_cache = cache_wanted({k.lower(): v for k, v in request.headers.items()})
     cancel = Cancellation()
     build = work.build
-    work = dataclasses.replace(
-        work,
-        build=lambda: [
-            dataclasses.replace(job, use_cache=use_cache, cancel=cancel) for job in build()
-        ],
-    )
+    jobs: list[RerankJob] = []  # as the service builds them, once their totals pass
+
+    def built() -> list[RerankJob]:
+        jobs[:] = [dataclasses.replace(j, use_cache=use_cache, cancel=cancel) for j in build()]
+        return jobs
+
+    work = dataclasses.replace(work, build=built)
     async with cancelled_on_disconnect(request.receive, cancel):
         outcomes = await service.answer(work)
     if cancel.reason == CLIENT_CLOSED:  # it left while the last pairs ran: nobody reads this
         raise RequestCancelledError(f"request cancelled: {CLIENT_CLOSED}")
+    record_answer(request.scope, Answered(dialect, tuple(jobs), tuple(outcomes)))
     return outcomes
 
 

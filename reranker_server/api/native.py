@@ -13,7 +13,6 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine.plan import ALWAYS
 from ..errors import InvalidRequestError
 from ..settings import Settings
 from ..types import RerankJob, RerankOutcome, RerankWork
@@ -115,8 +114,8 @@ def from_outcome(outcome: RerankOutcome, body: RerankRequest, model: str) -> Rer
         ],
         backend=outcome.backend,
         fallback=outcome.fallback,
-        plan=None if outcome.plan_reason == ALWAYS.reason else outcome.plan,
-        plan_reason=None if outcome.plan_reason == ALWAYS.reason else outcome.plan_reason,
+        plan=outcome.plan if outcome.plan_chosen else None,
+        plan_reason=outcome.plan_reason if outcome.plan_chosen else None,
         stages=[
             StageInfo(
                 name=s.name,

@@ -19,7 +19,6 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..devices import GpuGate
@@ -27,10 +26,13 @@ from ..errors import InferenceError, InvalidRequestError, RerankerError, raise_i
 from ..runners.base import Runner
 from ..types import (
     Backend,
+    CacheStatus,
+    EngineStatus,
     FallbackReason,
     LongDocPolicy,
     RerankJob,
     RerankOutcome,
+    RunnerStatus,
     ScoredDocument,
     StageReport,
     job_part_names,
@@ -50,7 +52,7 @@ from .plan import (
     failed,
     word_tokens,
 )
-from .scheduler import Lane, Scheduler
+from .scheduler import Lane, Scheduler, Scored
 from .stage1_stream import Stage1Stream
 from .windows import Windower, WindowPlan
 
@@ -65,31 +67,14 @@ def _rank(scores: Sequence[float]) -> list[int]:
     return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
 
 
+def _runner_status(runner: Runner) -> RunnerStatus:
+    return RunnerStatus(runner.name, runner.device, runner.precision, tuple(runner.stats().items()))
+
+
 def _checked(scores: list[float], expected: int, runner: Runner) -> list[float]:
     if len(scores) != expected or not all(math.isfinite(s) for s in scores):
         raise InferenceError(f"the {runner.name} model returned invalid scores")
     return scores
-
-
-@dataclass(frozen=True)
-class EngineStatus:
-    """What the engine serves and how busy it is (read by /health and /metrics)."""
-
-    stage1: Runner
-    stage2_gpu: Runner | None
-    stage2_cpu: Runner | None
-    gate: GpuGate
-    cache: ScoreCache | None
-    candidates: int
-    schedulers: dict[str, Scheduler] = field(default_factory=dict)  # "cpu", "gpu"
-
-    @property
-    def stage2(self) -> Runner | None:
-        return self.stage2_gpu or self.stage2_cpu
-
-    def model_names(self) -> set[str]:
-        runners = (self.stage1, self.stage2_gpu, self.stage2_cpu)
-        return {runner.name for runner in runners if runner is not None}
 
 
 class Engine:
@@ -160,16 +145,17 @@ class Engine:
         texts: Sequence[str],
         job: RerankJob | None,
         items: Sequence[Any] | None = None,
-    ) -> tuple[list[float], int]:
+    ) -> Scored:
         """Scores of `texts` from `runner` (through the scheduler when there is one, in the
-        job's place in line) and the tokens the model read. `items`: the pairs as the runner
-        prepared them already (the window plan's, for stage 1); None: tokenized here."""
+        job's place in line), the tokens the model read and how long they waited. `items`: the
+        pairs as the runner prepared them already (the window plan's, for stage 1); None:
+        tokenized here."""
         raise_if_cancelled(job.cancel if job else None)
         pairs = [(query, t) for t in texts]
         scheduler = self.gpu_scheduler if role == "stage2_gpu" else self.scheduler
         if scheduler is None:  # the runner's own count of the tokens, as the scheduler's
             tokens = sum(runner.length(item) for item in runner.prepare(pairs))
-            return runner.score(query, list(texts)), tokens
+            return Scored(runner.score(query, list(texts)), tokens, 0.0)
         return scheduler.score(
             self._lane(role, runner),
             pairs,
@@ -179,20 +165,34 @@ class Engine:
             items=items,
         )
 
+    def schedulers(self) -> dict[str, Scheduler]:
+        """The schedulers it uses: "cpu", and "gpu" when stage 2 on the GPU has its own."""
+        found = {"cpu": self.scheduler, "gpu": self.gpu_scheduler}
+        return {
+            name: s
+            for name, s in found.items()
+            if s is not None and (name == "cpu" or s is not self.scheduler)
+        }
+
     def status(self) -> EngineStatus:
-        schedulers = {"cpu": self.scheduler, "gpu": self.gpu_scheduler}
+        """What it serves and how busy it is, as data (reads counters only)."""
+        cache = None
+        if self.cache is not None:
+            stats = self.cache.stats()
+            cache = CacheStatus(
+                self.cache.kind,
+                bool(stats["available"]),
+                int(stats["errors"]),
+                stats.get("entries"),
+                stats.get("bytes"),
+            )
         return EngineStatus(
-            stage1=self.stage1,
-            stage2_gpu=self.stage2_gpu,
-            stage2_cpu=self.stage2_cpu,
-            gate=self.gate,
-            cache=self.cache,
+            stage1=_runner_status(self.stage1),
+            stage2_gpu=_runner_status(self.stage2_gpu) if self.stage2_gpu else None,
+            stage2_cpu=_runner_status(self.stage2_cpu) if self.stage2_cpu else None,
+            cache=cache,
             candidates=self.candidates,
-            schedulers={
-                name: s
-                for name, s in schedulers.items()
-                if s is not None and (name == "cpu" or s is not self.scheduler)
-            },
+            schedulers=tuple(s.status(name) for name, s in self.schedulers().items()),
         )
 
     def close(self) -> None:
@@ -309,6 +309,8 @@ class Engine:
             pair_tokens=sum(plan.pair_tokens or ()),
             plan=choice.name,
             plan_reason=choice.reason,
+            plan_chosen=self.stage1_mode == "auto",
+            queue_wait_s=sum(stage.queued_s for stage in stages),
         )
         return outcome, None
 
@@ -384,6 +386,8 @@ class Engine:
             pair_tokens=sum(plan.pair_tokens or ()),
             plan=choice.name,
             plan_reason=choice.reason,
+            plan_chosen=self.stage1_mode == "auto",
+            queue_wait_s=sum(stage.queued_s for stage in stages),
         )
 
     def _stage2(
@@ -504,11 +508,12 @@ class Engine:
             found = self.cache.get_many(keys)
         missing = [i for i, score in enumerate(found) if score is None]
         tokens = 0
+        queued_s = 0.0
         if missing:
             todo = [texts[i] for i in missing]
             try:
                 called = started if stream is not None else time.perf_counter()
-                found_scores, counted = (
+                scored = (
                     stream.wait()
                     if stream is not None
                     else self._score(
@@ -521,7 +526,7 @@ class Engine:
                     )
                 )
                 model_seconds = time.perf_counter() - called
-                fresh = _checked(found_scores, len(todo), runner)
+                fresh = _checked(scored.scores, len(todo), runner)
             except RerankerError:  # ours already (invalid scores, a timeout): as it is
                 raise
             except Exception as exc:
@@ -530,7 +535,8 @@ class Engine:
                 raise InferenceError(
                     f"the {runner.name} model failed: {type(exc).__name__}"
                 ) from exc
-            tokens = sum(pair_tokens[i] for i in missing) if pair_tokens else counted
+            tokens = sum(pair_tokens[i] for i in missing) if pair_tokens else scored.tokens
+            queued_s = scored.queued_s
             self.costs.observe(role, tokens, model_seconds)  # the plan's live timings
             if keys and self.cache is not None:
                 self.cache.set_many({keys[i]: s for i, s in zip(missing, fresh, strict=True)})
@@ -540,5 +546,7 @@ class Engine:
         cached = len(texts) - len(missing) if keys else None
         stage = "stage1" if role == CPU_ROLE else "stage2"
         seconds = time.perf_counter() - started
-        report = StageReport(runner.name, runner.device, len(texts), seconds, stage, cached)
+        report = StageReport(
+            runner.name, runner.device, len(texts), seconds, stage, cached, queued_s
+        )
         return scores, report, tokens

@@ -26,12 +26,11 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import RequestCancelledError, RequestTimeoutError, raise_if_cancelled
 from ..runners.base import Pair, PairwiseRunner, Runner
-from ..types import Cancellation, next_arrival
-from .trace import current_trace
+from ..types import Cancellation, SchedulerStatus, next_arrival
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +93,14 @@ class Lane:
         return cls(name, runner, runner.max_pairs, runner.batch_tokens)
 
 
+class Scored(NamedTuple):
+    """What `Scheduler.score` and `Submission.wait` return."""
+
+    scores: list[float]
+    tokens: int  # the pairs' tokens (`Runner.length`)
+    queued_s: float  # from queuing to the first of its batches starting
+
+
 @dataclass
 class _Ticket:
     """One request's pairs in one lane."""
@@ -145,21 +152,22 @@ class Submission:
         if len(items) != len(pairs):
             raise ValueError(f"{len(items)} items for {len(pairs)} pairs")
         if items:
+            if not self._ticket.scores:  # the first pairs queued: their wait starts now
+                self._ticket.submitted = time.monotonic()
             self.tokens += self._scheduler._queue(self._lane, self._order, self._ticket, items)
 
-    def wait(self) -> tuple[list[float], int]:
-        """Scores of every pair added, in order, and their tokens; blocks until all are scored
-        (or raises: the deadline passed, the request was cancelled, the model failed)."""
+    def wait(self) -> Scored:
+        """Scores of every pair added, in order, their tokens and how long they waited for a
+        compute thread; blocks until all are scored (or raises: the deadline passed, the
+        request was cancelled, the model failed)."""
         ticket = self._ticket
         with self._scheduler._cond:
             ticket.sealed = True
             if ticket.remaining == 0:
                 ticket.done.set()
         self._scheduler._wait(ticket, self._deadline, self._cancel)
-        trace = current_trace.get()
-        if trace is not None and ticket.started is not None:
-            trace.queue_wait_s = (trace.queue_wait_s or 0.0) + ticket.started - ticket.submitted
-        return ticket.scores, self.tokens
+        started = ticket.started if ticket.started is not None else ticket.submitted
+        return Scored(ticket.scores, self.tokens, started - ticket.submitted)
 
     def drop(self) -> None:
         """Forget the pairs still queued (a batch already running discards its scores)."""
@@ -207,6 +215,10 @@ class Scheduler:
         """Workers running a batch now."""
         return self._busy
 
+    def status(self, name: str) -> SchedulerStatus:
+        """Its queue, busy threads and dropped pairs as data, labelled `name`."""
+        return SchedulerStatus(name, self.queued, self.busy, self.dropped)
+
     def score(
         self,
         lane: Lane,
@@ -216,14 +228,15 @@ class Scheduler:
         deadline: float | None = None,
         cancel: Cancellation | None = None,
         items: Sequence[Any] | None = None,
-    ) -> tuple[list[float], int]:
-        """Scores of `pairs` (in order) and their total tokens; blocks until all are scored.
+    ) -> Scored:
+        """Scores of `pairs` (in order), their total tokens and how long they waited for a
+        compute thread; blocks until all are scored.
 
         `order`: the request's place in line (None: now); `deadline` (`time.monotonic()`) and
         `cancel`: when to give up, see the module docstring. `items`: the pairs already
         prepared by the lane's runner (tokenize once); None: prepared here."""
         if not pairs:
-            return [], 0
+            return Scored([], 0, 0.0)
         submission = self.open(lane, order=order, deadline=deadline, cancel=cancel)
         submission.add(pairs, items)
         return submission.wait()

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .cache import ScoreCache, pair_keys
-from .scheduler import Submission
+from .scheduler import Scored, Submission
 
 
 class Stage1Stream:
@@ -44,8 +44,8 @@ class Stage1Stream:
             [items[i] for i in todo] if items is not None else None,
         )
 
-    def wait(self) -> tuple[list[float], int]:
-        """Scores of the queued pairs, in order, and their tokens."""
+    def wait(self) -> Scored:
+        """Scores of the queued pairs, in order, their tokens and how long they waited."""
         return self.submission.wait()
 
     def drop(self) -> None:
