@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .engine.trace import RequestTrace
+from .runners.base import runner_stats
 
 if TYPE_CHECKING:
     from .devices import GpuGate
@@ -241,7 +242,7 @@ def _breaker_metrics(engine: EngineStatus, cascades: list[EngineStatus]) -> Iter
         "reranker_gpu_oom_retries",
         "Stage-2 batches retried with half the pairs after a CUDA out-of-memory.",
     )
-    rungs.add_metric([], sum(r.stats().get("oom_retries", 0.0) for r in runners.values()))
+    rungs.add_metric([], sum(runner_stats(r).get("oom_retries", 0.0) for r in runners.values()))
     yield rungs
     probes = CounterMetricFamily(
         "reranker_gpu_probes",
