@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODELS ?= ./test-models
 
-.PHONY: install lint typecheck test test-all check serve test-models bench
+.PHONY: install lint typecheck test test-all check serve test-models bench bench-scale constraints
 
 # What the README's test command does, step by step.
 install:
@@ -32,3 +32,18 @@ test-models:
 
 bench:
 	$(BIN)/python bench/run_all.py
+
+bench-scale:  # replicas behind the load balancer on a Docker engine (bench/scale.py)
+	docker build -t reranker-server:bench .
+	$(BIN)/python bench/scale.py --image reranker-server:bench
+
+# deploy/docker/constraints.txt: what a clean install of the image's packages resolves to today.
+constraints:
+	rm -rf .constraints-venv
+	$(PYTHON) -m venv .constraints-venv
+	.constraints-venv/bin/pip install torch==2.13.0
+	.constraints-venv/bin/pip install '.[torch]'
+	sed -n '/^#/p' deploy/docker/constraints.txt > .constraints.txt
+	.constraints-venv/bin/pip freeze --all --exclude reranker-server | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' >> .constraints.txt
+	mv .constraints.txt deploy/docker/constraints.txt
+	rm -rf .constraints-venv

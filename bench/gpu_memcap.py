@@ -120,7 +120,7 @@ def neighbour(models: Path, leave_mb: float, min_free_mb: float) -> None:
         assert isinstance(acc, CudaAccelerator)
         free = acc.free_memory_mb()
         out = engine.rerank(RerankJob(QUERY, long_docs(50), top_k=5))
-        state = engine.gate.state()["gpu_state"]
+        state = engine.gate.snapshot().state
         if leave_mb > min_free_mb:
             ok = out.backend == "gpu" and out.fallback is None and state == "ok"
         else:

@@ -45,7 +45,9 @@ class RerankerApp(FastAPI):
         self.state.settings = settings
         self.state.service = self.service
         self.state.metrics = Metrics()  # a registry per app: apps in one process never collide
-        self.state.metrics.registry.register(StateCollector(self.service.status))
+        self.state.metrics.registry.register(
+            StateCollector(lambda: self.service.status(read_gpu_memory=True))
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

@@ -11,10 +11,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from .extras import TORCH_EXTRA, require_torch
-from .types import FallbackReason
+from .types import FallbackReason, GpuStatus
 
 logger = logging.getLogger(__name__)
 
@@ -229,31 +229,42 @@ class GpuGate:
         if self.accelerator is not None:
             self.accelerator.empty_cache()
 
-    def state(self) -> dict[str, Any]:
-        """What /health shows about the GPU."""
+    def snapshot(self, read_memory: bool = True) -> GpuStatus:
+        """The gate's state as data (for /health and /metrics). `read_memory`: ask the device
+        for its free and total memory (a device call: keep it off the event loop); without it
+        `degraded` is never reported."""
         if self.accelerator is None:
-            return {"gpu_state": "absent"}
-        info: dict[str, Any] = {"gpu_device": self.accelerator.torch_device}
-        try:
-            info["gpu_name"] = self.accelerator.name()
-            info["gpu_free_mb"] = round(self.accelerator.free_memory_mb(), 1)
-            info["gpu_total_mb"] = round(self.accelerator.total_memory_mb(), 1)
-        except Exception:
-            logger.warning("could not read GPU memory", exc_info=True)
+            return GpuStatus("absent")
+        name = free = total = None
+        if read_memory:
+            try:
+                name = self.accelerator.name()
+                free = self.accelerator.free_memory_mb()
+                total = self.accelerator.total_memory_mb()
+            except Exception:
+                logger.warning("could not read GPU memory", exc_info=True)
         with self._lock:
             remaining = self._cooldown_until - self._clock()
             needs_probe = self._needs_probe
-            info["gpu_last_failure"] = self._last_failure
-        if remaining > 0:
-            info["gpu_state"] = "cooling_down"
-            info["gpu_cooldown_remaining_s"] = round(remaining, 1)
-            info["gpu_cooldown_until"] = round(time.time() + remaining, 1)
+            last_failure = self._last_failure
+        cooling = remaining > 0
+        if cooling:
+            state = "cooling_down"
         elif needs_probe:
-            info["gpu_state"] = "probing"  # the next request checks the GPU with one pair
-        elif info.get("gpu_free_mb", self._min_free_mb) < self._min_free_mb:
-            info["gpu_state"] = "degraded"  # too little free VRAM: answers come from stage 1
+            state = "probing"  # the next request checks the GPU with one pair
+        elif free is not None and free < self._min_free_mb:
+            state = "degraded"  # too little free VRAM: answers come from stage 1
         else:
-            info["gpu_state"] = "ok"
-        info["gpu_failures"] = dict(self.failures)
-        info["gpu_probes"] = dict(self.probes)
-        return info
+            state = "ok"
+        return GpuStatus(
+            state=state,
+            device=self.accelerator.torch_device,
+            name=name,
+            free_mb=free,
+            total_mb=total,
+            last_failure=last_failure,
+            cooldown_remaining_s=round(remaining, 1) if cooling else None,
+            cooldown_until=round(time.time() + remaining, 1) if cooling else None,
+            failures=tuple(self.failures.items()),
+            probes=tuple(self.probes.items()),
+        )

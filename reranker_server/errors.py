@@ -12,6 +12,19 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .types import Cancellation
 
+# Most characters of a client's value an error message repeats (a 1 MB `model` name is cut).
+MAX_ECHO_CHARS = 100
+
+
+def cut(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """`text` for an error message: at most `limit` characters, then `...` and its length."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def shown(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """A client's value in an error message: its `repr`, cut (see `cut`)."""
+    return cut(repr(value), limit)
+
 
 class RerankerError(Exception):
     """Base of every error this package raises on purpose."""
@@ -33,9 +46,8 @@ class InvalidRequestError(RerankerError):
         the request's field paths, in the message and the field."""
         if not names:
             return self
-        pattern = re.compile(
-            r"(?<![\w.\]])(" + "|".join(re.escape(k) for k in names) + r")(?![\w])"
-        )
+        keys = sorted(names, key=len, reverse=True)  # `documents[0]` before `documents`
+        pattern = re.compile(r"(?<![\w.\]])(" + "|".join(re.escape(k) for k in keys) + r")(?![\w])")
 
         def swap(text: str) -> str:
             return pattern.sub(lambda m: names[m.group(1)], text)
@@ -45,6 +57,13 @@ class InvalidRequestError(RerankerError):
         copy.args = (swap(str(self)),)
         copy.field = swap(self.field) if self.field is not None else None
         return copy
+
+
+class AnswerTooLargeError(InvalidRequestError):
+    """The answer the request asks for would be over `max_answer_bytes` (refused before any
+    work runs)."""
+
+    error_type = "answer_too_large"
 
 
 class InvalidJsonError(InvalidRequestError):

@@ -2,29 +2,28 @@
 tests, never collide). Names are `reranker_<thing>_<unit>`; every label has a bounded set of
 values (routes are route templates, devices and stages come from the loaded models).
 
-Counters and histograms are updated per request by the HTTP middleware (`observe_request`);
-gauges that describe the present (queue, GPU memory, cache size and health, model-load time) are
-read at scrape time by `StateCollector`, so nothing has to keep them up to date.
+Counters and histograms are updated per request by the HTTP middleware (`observe_request`, from
+the request's outcomes); gauges that describe the present (queue, GPU memory, cache size and
+health, model-load time) are read at scrape time by `StateCollector` from the service's status
+snapshot (frozen data, types.py), so nothing has to keep them up to date.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .engine.trace import RequestTrace
-from .runners.base import runner_stats
-
-if TYPE_CHECKING:
-    from .devices import GpuGate
-    from .engine.cache import ScoreCache
-    from .engine.engine import EngineStatus
-    from .engine.scheduler import Scheduler
-    from .service import ServiceStatus
+from .types import (
+    CacheStatus,
+    EngineStatus,
+    GpuStatus,
+    RerankOutcome,
+    SchedulerStatus,
+    ServiceStatus,
+)
 
 # 0.5 ms .. 60 s: a cache hit is sub-millisecond, 1,000 long passages on a CPU take seconds.
 LATENCY_BUCKETS = (
@@ -119,15 +118,22 @@ class Metrics:
         )
 
     def observe_request(
-        self, route: str, dialect: str, status: int, seconds: float, trace: RequestTrace
+        self,
+        route: str,
+        dialect: str,
+        status: int,
+        seconds: float,
+        outcomes: Sequence[RerankOutcome] = (),
     ) -> None:
+        """One HTTP request and the outcomes of its jobs (none when it failed)."""
         self.requests.labels(route, dialect, str(status)).inc()
         self.request_seconds.labels(route, dialect).observe(seconds)
-        if trace.queue_wait_s is not None:
-            self.stage_seconds.labels("queue_wait", "none").observe(trace.queue_wait_s)
-        for cascade in dict.fromkeys(o.cascade for o in trace.outcomes if o.cascade):
+        if outcomes:
+            queue_wait = sum(o.queue_wait_s for o in outcomes)
+            self.stage_seconds.labels("queue_wait", "none").observe(queue_wait)
+        for cascade in dict.fromkeys(o.cascade for o in outcomes if o.cascade):
             self.cascades.labels(cascade).inc()
-        for outcome in trace.outcomes:
+        for outcome in outcomes:
             self.documents.observe(outcome.documents)
             self.tokens.observe(outcome.tokens)
             self.backend.labels(outcome.backend).inc()
@@ -143,7 +149,8 @@ class Metrics:
 
 
 class StateCollector(Collector):
-    """Gauges read at scrape time from the service's `status()`."""
+    """Gauges read at scrape time from the service's status snapshot (`status` is called per
+    scrape; the app hands in one that reads the GPU's memory)."""
 
     def __init__(self, status: Callable[[], ServiceStatus]) -> None:
         self._status = status
@@ -176,50 +183,44 @@ class StateCollector(Collector):
             return
         yield from _scheduler_metrics(status.schedulers or engine.schedulers)
         yield from _cache_metrics(engine.cache)
-        yield from _gpu_metrics(engine.gate)
-        yield from _breaker_metrics(engine, [c.engine for c in status.cascades] or [engine])
+        if status.gpu is not None:
+            yield from _gpu_metrics(status.gpu)
+            yield from _breaker_metrics(status.gpu, [c.engine for c in status.cascades] or [engine])
 
 
-def _cache_metrics(cache: ScoreCache | None) -> Iterable[Metric]:
+def _cache_metrics(cache: CacheStatus | None) -> Iterable[Metric]:
     if cache is None:
         return
-    stats = cache.stats()
     labels = ["backend"]
     up = GaugeMetricFamily(
         "reranker_cache_up", "1 if the score cache backend answers, 0 if it is down.", labels=labels
     )
-    up.add_metric([cache.kind], 1.0 if stats["available"] else 0.0)
+    up.add_metric([cache.kind], 1.0 if cache.available else 0.0)
     yield up
     errors = CounterMetricFamily(
         "reranker_cache_errors",
         "Cache operations that failed (the request went on without the cache).",
         labels=labels,
     )
-    errors.add_metric([cache.kind], stats["errors"])
+    errors.add_metric([cache.kind], cache.errors)
     yield errors
-    if "entries" in stats:
+    if cache.entries is not None:
         entries = GaugeMetricFamily(
             "reranker_cache_entries", "Scores held by the in-process cache.", labels=labels
         )
-        entries.add_metric([cache.kind], stats["entries"])
+        entries.add_metric([cache.kind], cache.entries)
         yield entries
         size = GaugeMetricFamily(
             "reranker_cache_size_bytes", "Estimated memory of the in-process cache.", labels=labels
         )
-        size.add_metric([cache.kind], stats["bytes"])
+        size.add_metric([cache.kind], cache.bytes or 0)
         yield size
 
 
-def _gpu_metrics(gate: GpuGate) -> Iterable[Metric]:
-    accelerator = gate.accelerator
-    if accelerator is None:
-        return
-    try:
-        free = accelerator.free_memory_mb() * 2**20
-        total = accelerator.total_memory_mb() * 2**20
-    except Exception:  # a broken device: report nothing rather than fail the scrape
-        return
-    device = accelerator.torch_device
+def _gpu_metrics(gpu: GpuStatus) -> Iterable[Metric]:
+    if gpu.device is None or gpu.free_mb is None or gpu.total_mb is None:
+        return  # no GPU, or its memory was not read
+    free, total, device = gpu.free_mb * 2**20, gpu.total_mb * 2**20, gpu.device
     used_family = GaugeMetricFamily(
         "reranker_gpu_memory_used_bytes", "GPU memory in use (all processes).", labels=["device"]
     )
@@ -232,35 +233,35 @@ def _gpu_metrics(gate: GpuGate) -> Iterable[Metric]:
     yield free_family
 
 
-def _breaker_metrics(engine: EngineStatus, cascades: list[EngineStatus]) -> Iterable[Metric]:
-    """The OOM ladder's rungs (every cascade's GPU models) and the breaker's probes and state
-    (only with a GPU model)."""
-    runners = {id(c.stage2_gpu): c.stage2_gpu for c in cascades if c.stage2_gpu is not None}
+def _breaker_metrics(gpu: GpuStatus, cascades: list[EngineStatus]) -> Iterable[Metric]:
+    """The OOM ladder's rungs (every cascade's GPU models, each once) and the breaker's probes
+    and state (only with a GPU model)."""
+    gpu_runners = [c.stage2_gpu for c in cascades if c.stage2_gpu is not None]
+    runners = {(r.name, r.device): r for r in gpu_runners}  # a model two cascades share: once
     if not runners:
         return
     rungs = CounterMetricFamily(
         "reranker_gpu_oom_retries",
         "Stage-2 batches retried with half the pairs after a CUDA out-of-memory.",
     )
-    rungs.add_metric([], sum(runner_stats(r).get("oom_retries", 0.0) for r in runners.values()))
+    rungs.add_metric([], sum(r.stat("oom_retries") for r in runners.values()))
     yield rungs
     probes = CounterMetricFamily(
         "reranker_gpu_probes",
         "One-pair GPU probes after a cool-down, by result.",
         labels=["result"],
     )
-    for result, count in engine.gate.probes.items():
+    for result, count in gpu.probes:
         probes.add_metric([result], count)
     yield probes
-    state = engine.gate.state().get("gpu_state", "absent")
     cooling = GaugeMetricFamily(
         "reranker_gpu_cooling_down", "1 while the GPU rests after a fault (answers from stage 1)."
     )
-    cooling.add_metric([], 1.0 if state == "cooling_down" else 0.0)
+    cooling.add_metric([], 1.0 if gpu.state == "cooling_down" else 0.0)
     yield cooling
 
 
-def _scheduler_metrics(schedulers: dict[str, Scheduler]) -> Iterable[Metric]:
+def _scheduler_metrics(schedulers: Sequence[SchedulerStatus]) -> Iterable[Metric]:
     """Pairs waiting for a compute thread, threads computing, and pairs dropped, per scheduler."""
     queued = GaugeMetricFamily(
         "reranker_queued_pairs", "Pairs waiting for a compute thread.", labels=["scheduler"]
@@ -276,10 +277,10 @@ def _scheduler_metrics(schedulers: dict[str, Scheduler]) -> Iterable[Metric]:
         "was cancelled (client gone, timeout, shutdown).",
         labels=["scheduler"],
     )
-    for name, scheduler in schedulers.items():
-        queued.add_metric([name], scheduler.queued)
-        busy.add_metric([name], scheduler.busy)
-        dropped.add_metric([name], scheduler.dropped)
+    for scheduler in schedulers:
+        queued.add_metric([scheduler.name], scheduler.queued)
+        busy.add_metric([scheduler.name], scheduler.busy)
+        dropped.add_metric([scheduler.name], scheduler.dropped)
     yield queued
     yield busy
     yield dropped

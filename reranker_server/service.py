@@ -2,9 +2,10 @@
 
 It owns the models' lifetime (loaded by `start`, released by `close`), admission and the worker
 pool, the request limits, cancellation and the drain before shutdown; it answers `RerankJob`s
-with `RerankOutcome`s and reports `status()` (models served, devices, GPU gate, schedulers,
-cache). It holds one engine per named cascade (cascade_file.py) and runs each job on the cascade
-its `model` picks. Nothing outside it touches the engines or the devices.
+with `RerankOutcome`s (each with its own stage timings, queue wait and plan) and reports
+`status()`: a frozen snapshot of the models served, devices, GPU gate, schedulers and cache. It
+holds one engine per named cascade (cascade_file.py) and runs each job on the cascade its `model`
+picks. Nothing outside it touches the engines or the devices.
 
     service = RerankService(Settings())
     await service.start()
@@ -18,25 +19,31 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
+from .admission import built_jobs, check_job, check_totals
 from .devices import cuda_runtime_available
 from .engine.cascades import Cascades, ServedCascade
-from .engine.engine import Engine, EngineStatus
+from .engine.engine import Engine
 from .engine.pool import InferencePool
-from .engine.scheduler import Scheduler
-from .engine.trace import current_trace
 from .errors import (
     InvalidRequestError,
     ModelNotFoundError,
     NotReadyError,
     RequestCancelledError,
     ShuttingDownError,
+    cut,
+    shown,
 )
 from .runners.base import score
 from .settings import Settings
-from .types import Cancellation, RerankJob, RerankOutcome, job_part_names
+from .types import (
+    Cancellation,
+    CascadeStatus,
+    RerankJob,
+    RerankOutcome,
+    RerankWork,
+    ServiceStatus,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,31 +57,9 @@ SHUTDOWN_REASON = "the server is shutting down"
 # poll; only tokenization or a model call made without the scheduler runs longer).
 DRAIN_POLL_S = 0.05
 CUT_OFF_GRACE_S = 10.0
-
-
-@dataclass(frozen=True)
-class CascadeStatus:
-    """One cascade: the names that pick it and what its engine serves."""
-
-    name: str
-    aliases: tuple[str, ...]
-    default: bool
-    engine: EngineStatus
-
-
-@dataclass(frozen=True)
-class ServiceStatus:
-    """A snapshot for /health and /metrics."""
-
-    loaded: bool
-    cuda_available: bool
-    model_load_seconds: float | None
-    in_flight: int  # requests admitted, running or queued
-    running: int  # requests in a worker thread now
-    queued: int  # requests admitted and waiting for a worker
-    engine: EngineStatus | None  # the default cascade's; None until the models are loaded
-    cascades: tuple[CascadeStatus, ...] = ()  # every cascade, the default first
-    schedulers: dict[str, Scheduler] = field(default_factory=dict)  # each once, all cascades
+# A 404 for an unknown model lists at most this many valid names, each cut to this length.
+MAX_LISTED_NAMES = 20
+MAX_NAME_CHARS = 80
 
 
 class RerankService:
@@ -150,38 +135,43 @@ class RerankService:
 
     # --- answering
 
-    async def rerank(self, job: RerankJob) -> RerankOutcome:
-        """Check the job against the limits, then run its cascade in a worker thread."""
+    async def answer(self, work: RerankWork) -> list[RerankOutcome]:
+        """Admit a request's work as a whole (admission.py: totals, then each job and its model),
+        then run its jobs as one unit of work in a worker thread (one queue slot), each on the
+        cascade its `model` picks; the outcomes come back in the jobs' order. Every error names
+        the request's own field (`work.fields`)."""
         self._check_open()
-        cascade = self.cascade_for(job.model)
-        self.check(job)
-        (job,) = self._admit([job])
-        outcomes = await self._run(lambda: [_answer(cascade, job)], [job])
-        return outcomes[0]
-
-    async def rerank_batch(self, jobs: Sequence[RerankJob]) -> list[RerankOutcome]:
-        """Several jobs as one unit of work (one queue slot), answered in order; each job runs on
-        the cascade its `model` picks."""
-        self._check_open()
+        check_totals(work, self.settings)
+        self.cascade_for(work.model)
+        jobs = built_jobs(work)
         cascades = []
         for position, job in enumerate(jobs):
             try:
+                check_job(job, self.settings)
                 cascades.append(self.cascade_for(job.model))
-                self.check(job)
             except InvalidRequestError as exc:
-                raise exc.renamed(job_part_names(position)) from exc
+                raise exc.renamed(work.fields(position)) from exc
         admitted = self._admit(jobs)
 
-        def work() -> list[RerankOutcome]:
+        def run() -> list[RerankOutcome]:
             outcomes = []
             for position, (cascade, job) in enumerate(zip(cascades, admitted, strict=True)):
                 try:
                     outcomes.append(_answer(cascade, job))
                 except InvalidRequestError as exc:
-                    raise exc.renamed(job_part_names(position)) from exc
+                    raise exc.renamed(work.fields(position)) from exc
             return outcomes
 
-        return await self._run(work, admitted)
+        return await self._run(run, admitted)
+
+    async def rerank(self, job: RerankJob) -> RerankOutcome:
+        """One job (the CLI, a notebook): `answer` with work of this job alone."""
+        (outcome,) = await self.answer(RerankWork.of([job]))
+        return outcome
+
+    async def rerank_batch(self, jobs: Sequence[RerankJob]) -> list[RerankOutcome]:
+        """Several jobs as one unit of work, answered in order (errors name `jobs[i]`)."""
+        return await self.answer(RerankWork.of(jobs, batch=True))
 
     def _check_open(self) -> None:
         if self._draining:
@@ -201,14 +191,19 @@ class RerankService:
     async def _run(
         self, work: Callable[[], list[RerankOutcome]], jobs: Sequence[RerankJob]
     ) -> list[RerankOutcome]:
-        trace = current_trace.get()
-        if trace is not None and jobs:
-            trace.use_cache = jobs[0].use_cache
-            trace.top_k, trace.query, trace.documents = jobs[0].top_k, jobs[0].query, jobs[0].texts
+        """Run `work` in a request thread; the first outcome's queue wait gets the time the
+        request waited for that thread (the later jobs of a batch waited for their elders only)."""
+        submitted = time.perf_counter()
+        started: list[float] = []
+
+        def timed() -> list[RerankOutcome]:
+            started.append(time.perf_counter())
+            return work()
+
         handles = {job.cancel for job in jobs if job.cancel is not None}
         self._active |= handles
         try:
-            outcomes = await self.pool.run(work, jobs[0].deadline if jobs else None)
+            outcomes = await self.pool.run(timed, jobs[0].deadline if jobs else None)
         except RequestCancelledError as exc:
             if any(cancel.reason == SHUTDOWN_REASON for cancel in handles):
                 raise ShuttingDownError(
@@ -223,40 +218,11 @@ class RerankService:
             raise
         finally:
             self._active -= handles
-        if trace is not None:
-            trace.outcomes.extend(outcomes)
+        if outcomes and started:
+            first = outcomes[0]
+            waited = first.queue_wait_s + started[0] - submitted
+            outcomes[0] = dataclasses.replace(first, queue_wait_s=waited)
         return outcomes
-
-    def check(self, job: RerankJob) -> None:
-        """Raise InvalidRequestError naming the job's part and the limit it breaks."""
-        limits = self.settings
-        if not job.query.strip():
-            raise InvalidRequestError("query must not be empty", field="query")
-        if len(job.query) > limits.max_query_chars:
-            raise InvalidRequestError(
-                f"query has {len(job.query)} characters; the limit is {limits.max_query_chars} "
-                "(max_query_chars)",
-                field="query",
-            )
-        if len(job.texts) > limits.max_documents:
-            raise InvalidRequestError(
-                f"documents has {len(job.texts)} items; the limit is {limits.max_documents} "
-                "(max_documents)",
-                field="documents",
-            )
-        for i, text in enumerate(job.texts):
-            if len(text) > limits.max_document_chars:
-                raise InvalidRequestError(
-                    f"documents[{i}] has {len(text)} characters; the limit is "
-                    f"{limits.max_document_chars} (max_document_chars)",
-                    field=f"documents[{i}]",
-                )
-        if job.candidates is not None and job.candidates > limits.max_candidates:
-            raise InvalidRequestError(
-                f"candidates is {job.candidates}; the limit is {limits.max_candidates} "
-                "(RERANKER_MAX_CANDIDATES)",
-                field="candidates",
-            )
 
     def cascade_for(self, model: str | None) -> ServedCascade:
         """The cascade a request's `model` picks: by cascade name, alias or model name, else the
@@ -267,19 +233,23 @@ class RerankService:
         if found is not None:
             return found
         accepted = self.settings.accepted_model_names()
-        known = accepted | {self.settings.stage1_model, self.settings.stage2_model}
-        if model is None or not accepted or model in known:
+        if model is None or not accepted or model in accepted or model in self._setting_models():
             return cascades.default
+        names = self.model_names()
+        listed = ", ".join(cut(name, MAX_NAME_CHARS) for name in names[:MAX_LISTED_NAMES])
+        more = f" and {len(names) - MAX_LISTED_NAMES} more" if len(names) > MAX_LISTED_NAMES else ""
         raise ModelNotFoundError(
-            f"model {model!r} is not served here; ask for one of: "
-            f"{', '.join(sorted(accepted | cascades.cascade_names()))} (accepted_models and "
-            "the cascades)",
+            f"model {shown(model)} is not served here; ask for one of: {listed}{more} "
+            "(GET /v1/models lists them: the cascades, their models and accepted_models)",
             field="model",
         )
 
-    def check_model(self, name: str | None) -> None:
-        """Refuse a model name only when the settings restrict the names (`accepted_models`)."""
-        self.cascade_for(name)
+    def _setting_models(self) -> set[str]:
+        """The stage settings' model names, when they are what the server runs (no cascades
+        file: its cascades say which models run, and the stage settings are unused)."""
+        if self.settings.cascades is not None:
+            return set()
+        return {self.settings.stage1_model, self.settings.stage2_model}
 
     def served_model(self, outcome: RerankOutcome) -> str:
         """The model that produced the final order."""
@@ -302,35 +272,41 @@ class RerankService:
 
     # --- reporting
 
-    def status(self) -> ServiceStatus:
-        """Cheap: reads counters, runs no model, touches no device."""
+    def status(self, read_gpu_memory: bool = False) -> ServiceStatus:
+        """A frozen snapshot. Cheap: reads counters, runs no model; touches the device only with
+        `read_gpu_memory` (then call it off the event loop, as `snapshot` does)."""
         cascades = self._cascades
-        per_cascade = (
-            tuple(
-                CascadeStatus(c.name, c.aliases, c is cascades.default, c.engine.status())
-                for c in cascades
+        if cascades is None:
+            return ServiceStatus(
+                loaded=False,
+                cuda_available=self._cuda_available,
+                model_load_seconds=self._load_seconds,
+                in_flight=self.pool.pending,
+                running=self.pool.running,
+                queued=self.pool.queued,
+                engine=None,
             )
-            if cascades is not None
-            else ()
+        per_cascade = tuple(
+            CascadeStatus(c.name, c.aliases, c is cascades.default, c.engine.status())
+            for c in cascades
         )
         return ServiceStatus(
-            loaded=cascades is not None,
+            loaded=True,
             cuda_available=self._cuda_available,
             model_load_seconds=self._load_seconds,
             in_flight=self.pool.pending,
             running=self.pool.running,
             queued=self.pool.queued,
-            engine=per_cascade[0].engine if per_cascade else None,
+            engine=per_cascade[0].engine,
             cascades=per_cascade,
-            schedulers=cascades.schedulers() if cascades is not None else {},
+            schedulers=tuple(s.status(name) for name, s in cascades.schedulers().items()),
+            gpu=cascades.default.engine.gate.snapshot(read_memory=read_gpu_memory),
         )
 
-    async def gpu_state(self) -> dict[str, Any]:
-        """The GPU gate's state (device memory is read off the event loop: a wedged CUDA
-        context must not freeze the server)."""
-        if self._cascades is None:
-            return {}
-        return await asyncio.to_thread(self._cascades.default.engine.gate.state)
+    async def snapshot(self) -> ServiceStatus:
+        """`status` with the GPU's memory read, in a thread (a wedged CUDA context must not
+        freeze the event loop)."""
+        return await asyncio.to_thread(self.status, True)
 
     async def check_ready(self) -> None:
         """One pair through each stage-1 model, not through the request queue (a busy server is

@@ -178,6 +178,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="Largest request body accepted, in bytes."
     )
+    max_answer_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="Largest answer a request may ask for, in bytes, estimated before any work "
+        "runs from the texts it echoes (return_documents, return_text, native results' text); "
+        "past it: 422 answer_too_large.",
+    )
 
     # --- connections (server.py: `reranker-server serve`, or uvicorn's --http option)
     header_timeout_s: float = Field(

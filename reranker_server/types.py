@@ -1,12 +1,15 @@
 """Value types shared by the engine, the service and the HTTP layer. Imports nothing from the
-package: `RerankJob` (one query's work, what every dialect turns its body into), `RerankOutcome`
-(the engine's answer) and the small types they hold."""
+package: `RerankJob` (one query's work), `RerankWork` (a whole request's jobs with its totals:
+what every dialect turns its body into and hands the service), `RerankOutcome` (the engine's
+answer, with its own timings and plan), the status snapshots (`ServiceStatus` and what it holds:
+frozen data read by /health and /metrics, never live runners, gates, schedulers or caches) and
+the small types they hold."""
 
 from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -41,6 +44,7 @@ class StageReport:
     seconds: float
     stage: str = ""  # "stage1" | "stage2"
     cached: int | None = None  # documents answered from the score cache; None: cache not used
+    queued_s: float = 0.0  # of `seconds`, the time its pairs waited for a compute thread
 
     @property
     def computed(self) -> int:
@@ -63,6 +67,10 @@ class RerankOutcome:
     cascade: str = ""  # the cascade that answered (set by the service)
     plan: PlanName = "cascade"  # gpu_only: stage 1 skipped, stage 2 scored every document
     plan_reason: str = ""  # why (engine/plan.py), e.g. "gpu est 12 ms < cpu est 300 ms"
+    plan_chosen: bool = False  # the plan was chosen for this request (RERANKER_STAGE1=auto)
+    # Seconds the job waited in line: its stages' pairs for a compute thread and (the first job
+    # of a unit of work only) the request for a request thread (service.py).
+    queue_wait_s: float = 0.0
 
     @property
     def cache_hits(self) -> int:
@@ -94,10 +102,12 @@ class LongDocPolicy:
 @dataclass(frozen=True)
 class TextTokens:
     """A text's tokens alone (no special tokens, not truncated): each token's character span and
-    the word it belongs to (None for a token outside any word)."""
+    the word it belongs to (None for a token outside any word), and their ids when the tokenizer
+    gives them (stage 1 then builds its pairs from them instead of tokenizing again)."""
 
     spans: list[tuple[int, int]]
     words: list[int | None]
+    ids: list[int] | None = field(default=None, compare=False, repr=False)
 
 
 class Cancellation:
@@ -151,8 +161,177 @@ class RerankJob:
     model: str | None = None
 
 
+# The parts of a job an error may name (service and engine errors name these; a dialect's
+# `RerankWork.fields` turns them into the request's own field paths).
+JOB_PARTS = ("query", "documents", "top_k", "candidates", "model")
+
+
 def job_part_names(position: int) -> dict[str, str]:
     """How an error names the parts of the job at `position` of a batch (`jobs[2].documents`)."""
-    return {
-        part: f"jobs[{position}].{part}" for part in ("query", "documents", "top_k", "candidates")
-    }
+    return {part: f"jobs[{position}].{part}" for part in JOB_PARTS}
+
+
+def same_names(_position: int) -> Mapping[str, str]:
+    """A request whose fields are called like the job's parts (`query`, `documents`)."""
+    return {}
+
+
+@dataclass(frozen=True)
+class RerankWork:
+    """A whole request as a dialect hands it to the service: the request's totals, which the
+    service checks against the limits before anything else, and how to build its jobs (only once
+    the totals pass: a 1.5 M-pair body is refused before 1.5 M jobs exist).
+
+    Every field but the last ones is required, so a dialect cannot hand over work without saying
+    what it asks for; the service refuses work whose jobs disagree with its totals.
+
+    `documents`: texts to score in the whole request (vLLM pairs: the pairs). `queries`: jobs.
+    `answer_bytes`: the most bytes the answer can take (texts and documents it echoes; see
+    api/answer.py). `build`: the jobs, `queries` of them holding `documents` texts in all.
+    `fields(position)`: how the request names the parts of the job at `position`
+    (`{"query": "text_1[3]", "documents[0]": "text_2[3]"}`; keys from JOB_PARTS, optionally
+    with an index). `documents_field`: the request's name for all its texts (`text_2`);
+    `answer_field`: what makes the answer large (`return_documents`). `model`: the name the
+    request as a whole asks for (a batch item's own `model` is its job's). `batch`: several
+    queries answered as one unit (`max_batch_requests` applies; `max_documents` per job).
+    """
+
+    documents: int
+    queries: int
+    answer_bytes: int
+    build: Callable[[], Sequence[RerankJob]]
+    fields: Callable[[int], Mapping[str, str]] = same_names
+    documents_field: str = "documents"
+    answer_field: str = "documents"
+    model: str | None = None
+    batch: bool = False
+
+    @classmethod
+    def of(cls, jobs: Sequence[RerankJob], batch: bool = False) -> RerankWork:
+        """Work from jobs already built (the CLI, a notebook, tests): totals counted from them,
+        nothing echoed."""
+        held = list(jobs)
+        return cls(
+            documents=sum(len(job.texts) for job in held),
+            queries=len(held),
+            answer_bytes=0,
+            build=lambda: held,
+            fields=job_part_names if batch else same_names,
+            batch=batch,
+        )
+
+
+def unencodable(text: str) -> str | None:
+    """None for text that is valid Unicode; else where it is not (a lone UTF-16 surrogate, which
+    JSON's \\uXXXX escapes can carry, but neither UTF-8 nor a tokenizer can)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"a lone UTF-16 surrogate (\\u{ord(text[exc.start]):04x}) at character {exc.start}"
+    return None
+
+
+# --- status snapshots: what /health and /metrics read (service.status()); frozen data only
+
+
+@dataclass(frozen=True)
+class RunnerStatus:
+    """A loaded model: its name, device and precision, and its counters (`stats`, e.g.
+    `oom_retries`) when the snapshot was taken."""
+
+    name: str
+    device: str
+    precision: str
+    stats: tuple[tuple[str, float], ...] = ()
+
+    def stat(self, key: str) -> float:
+        return dict(self.stats).get(key, 0.0)
+
+
+@dataclass(frozen=True)
+class SchedulerStatus:
+    """A scheduler's pairs waiting for a compute thread, threads computing, pairs dropped."""
+
+    name: str  # "cpu", "gpu"
+    queued: int
+    busy: int
+    dropped: int
+
+
+@dataclass(frozen=True)
+class CacheStatus:
+    """The score cache: its backend, whether it answers, failed operations, and (in-process
+    cache only) its entries and estimated bytes."""
+
+    kind: str  # "memory" | "redis"
+    available: bool
+    errors: int
+    entries: int | None = None
+    bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class GpuStatus:
+    """The GPU gate (the breaker in front of stage 2 on the GPU).
+
+    `state`: `absent` (no GPU), `ok`, `cooling_down` (resting after a fault: answers come from
+    stage 1), `probing` (the next request tries one pair first), `degraded` (less free memory
+    than the minimum). Memory figures are None when not read (a snapshot taken without touching
+    the device) or unreadable; `degraded` needs them."""
+
+    state: str
+    device: str | None = None
+    name: str | None = None
+    free_mb: float | None = None
+    total_mb: float | None = None
+    last_failure: str | None = None
+    cooldown_remaining_s: float | None = None
+    cooldown_until: float | None = None  # wall clock (time.time())
+    failures: tuple[tuple[str, int], ...] = ()  # by failure kind
+    probes: tuple[tuple[str, int], ...] = ()  # ("passed", n), ("failed", n)
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """What one engine (one cascade) serves and how busy its schedulers are."""
+
+    stage1: RunnerStatus
+    stage2_gpu: RunnerStatus | None
+    stage2_cpu: RunnerStatus | None
+    cache: CacheStatus | None
+    candidates: int
+    schedulers: tuple[SchedulerStatus, ...] = ()
+
+    @property
+    def stage2(self) -> RunnerStatus | None:
+        return self.stage2_gpu or self.stage2_cpu
+
+    def model_names(self) -> set[str]:
+        runners = (self.stage1, self.stage2_gpu, self.stage2_cpu)
+        return {runner.name for runner in runners if runner is not None}
+
+
+@dataclass(frozen=True)
+class CascadeStatus:
+    """One cascade: the names that pick it and what its engine serves."""
+
+    name: str
+    aliases: tuple[str, ...]
+    default: bool
+    engine: EngineStatus
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """A snapshot for /health and /metrics."""
+
+    loaded: bool
+    cuda_available: bool
+    model_load_seconds: float | None
+    in_flight: int  # requests admitted, running or queued
+    running: int  # requests in a worker thread now
+    queued: int  # requests admitted and waiting for a worker
+    engine: EngineStatus | None  # the default cascade's; None until the models are loaded
+    cascades: tuple[CascadeStatus, ...] = ()  # every cascade, the default first
+    schedulers: tuple[SchedulerStatus, ...] = ()  # each once, all cascades
+    gpu: GpuStatus | None = None  # the default cascade's GPU gate; None until loaded

@@ -1,6 +1,7 @@
-"""Read the files that ship the server: the Dockerfile, docker-compose.yml, deploy/kubernetes/ and
-the Docker commands of docs/deployment.md. No Docker engine is needed: tests check what they say,
-and run the commands in them that can run here."""
+"""Read the files that ship the server: the Dockerfile, docker-compose.yml, deploy/haproxy/,
+deploy/kubernetes/ (rendered like `kubectl kustomize`) and the commands of docs/deployment.md. No
+Docker engine is needed: tests check what they say, and run the commands in them that can run
+here."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 KUBERNETES_DIR = ROOT / "deploy" / "kubernetes"
+OVERLAYS = ("cpu", "cuda")
+HAPROXY_CONFIG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+CONSTRAINTS = ROOT / "deploy" / "docker" / "constraints.txt"
+ENTRYPOINT = ROOT / "deploy" / "docker" / "entrypoint.sh"
 COMPOSE_SCHEMA = Path(__file__).resolve().parent / "data" / "compose-spec.json"
 DEPLOYMENT_DOC = ROOT / "docs" / "deployment.md"  # the README links to it
 
@@ -132,7 +137,120 @@ def load_yaml_documents(path: Path) -> list[dict[str, Any]]:
 
 
 def kubernetes_manifests() -> list[Path]:
-    return sorted(KUBERNETES_DIR.rglob("*.yaml"))
+    """The base's manifest files (what its kustomization lists)."""
+    base = KUBERNETES_DIR / "base"
+    (kustomization,) = load_yaml_documents(base / "kustomization.yaml")
+    return [base / name for name in kustomization["resources"]]
+
+
+# --- kustomize, the subset deploy/kubernetes/ uses (tests compare it with `kubectl kustomize`)
+
+KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "resources", "images", "patches"}
+
+
+def kustomize(directory: Path) -> list[dict[str, Any]]:
+    """Render a kustomization like `kubectl kustomize DIR`: its resources (files, or directories
+    with their own kustomization), then its JSON 6902 patches, then its image replacements. A field
+    outside that subset is an error, so the renderer can't silently skip what kustomize does."""
+    (spec,) = load_yaml_documents(directory / "kustomization.yaml")
+    unknown = set(spec) - KUSTOMIZATION_FIELDS
+    assert not unknown, f"{directory}: kustomization fields this renderer lacks: {unknown}"
+    documents: list[dict[str, Any]] = []
+    for resource in spec.get("resources", []):
+        path = (directory / resource).resolve()
+        documents += kustomize(path) if path.is_dir() else load_yaml_documents(path)
+    for patch in spec.get("patches", []):
+        operations = yaml.safe_load(patch["patch"])
+        target = patch["target"]
+        matched = [
+            doc
+            for doc in documents
+            if doc["kind"] == target["kind"] and doc["metadata"]["name"] == target["name"]
+        ]
+        assert matched, f"{directory}: a patch matches nothing: {target}"
+        for doc in matched:
+            for operation in operations:
+                json_patch(doc, operation)
+    for image in spec.get("images", []):
+        for container in pod_containers(documents):
+            name, _, _ = container["image"].partition(":")
+            if name == image["name"]:
+                container["image"] = f"{image.get('newName', name)}:{image['newTag']}"
+    return documents
+
+
+def json_patch(document: dict[str, Any], operation: dict[str, Any]) -> None:
+    """One RFC 6902 operation: add, replace or remove."""
+    *parents, last = [
+        token.replace("~1", "/").replace("~0", "~") for token in operation["path"].split("/")[1:]
+    ]
+    node: Any = document
+    for token in parents:
+        node = node[int(token)] if isinstance(node, list) else node[token]
+    op = operation["op"]
+    if isinstance(node, list):
+        if op == "add":
+            node.insert(len(node) if last == "-" else int(last), operation["value"])
+        elif op == "replace":
+            node[int(last)] = operation["value"]
+        else:
+            assert op == "remove", op
+            del node[int(last)]
+    elif op in ("add", "replace"):
+        assert op == "add" or last in node, operation
+        node[last] = operation["value"]
+    else:
+        assert op == "remove", op
+        del node[last]
+
+
+def pod_containers(documents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every container and init container of the Deployments."""
+    found = []
+    for doc in documents:
+        if doc["kind"] == "Deployment":
+            pod = doc["spec"]["template"]["spec"]
+            found += pod["containers"] + pod.get("initContainers", [])
+    return found
+
+
+# --- HAProxy's configuration: sections and their lines
+
+
+def haproxy_sections(path: Path = HAPROXY_CONFIG) -> dict[str, list[str]]:
+    """`section name` (e.g. "backend replicas", "defaults") -> its lines, comments dropped."""
+    sections: dict[str, list[str]] = {}
+    current = ""
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.split("#", 1)[0].rstrip()
+        if not line.strip():
+            continue
+        if not raw[0].isspace():
+            current = line.strip()
+            sections[current] = []
+        else:
+            sections[current].append(" ".join(line.split()))
+    return sections
+
+
+def haproxy_seconds(value: str) -> float:
+    """An HAProxy time (`150s`, `2s`, `500ms`, `2m`; a bare number is milliseconds)."""
+    match = re.fullmatch(r"(\d+)(us|ms|s|m|h|d)?", value)
+    assert match, value
+    unit = {"us": 1e-6, "ms": 1e-3, None: 1e-3, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    return int(match.group(1)) * unit[match.group(2)]
+
+
+# --- the stop rule (docs/deployment.md, "Stopping")
+
+# Seconds past RERANKER_DRAIN_TIMEOUT_S that a stop grants: the server's own close
+# (server.SHUTDOWN_GRACE_S, 10 s) and 10 s of margin. Kubernetes adds its preStop pause.
+STOP_MARGIN_S = 20
+
+
+def stop_grace_s(drain_timeout_s: float, pause_s: float = 0) -> int:
+    """The grace a stop must give: the pause before SIGTERM + the drain + STOP_MARGIN_S."""
+    return int(pause_s + drain_timeout_s + STOP_MARGIN_S)
 
 
 def readme_section(heading: str) -> str:

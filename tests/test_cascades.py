@@ -257,6 +257,9 @@ def test_with_accepted_models_an_unknown_name_is_a_404_in_every_dialect(
             error = refused.json()
             assert error["error_type"] == "model_not_found" and error["field"] == "model"
             assert "legacy-name" in error["error"] and "longest" in error["error"]
+            for unused in (settings.stage1_model, settings.stage2_model):  # the file decides
+                response = httpx.post(f"{url}{route}", json={**body, "model": unused})
+                assert response.status_code == 404, (route, unused)
         batch_item = {"requests": [item, {**item, "model": "nope"}]}
         refused = httpx.post(f"{url}/rerank/batch", json=batch_item)
         assert refused.status_code == 404
@@ -276,8 +279,8 @@ def test_a_model_two_cascades_use_is_loaded_once(
     assert loads["by-length", "longest"] == 1 and loads["by-length", "shortest"] == 1
     status = application.service.status()
     engines = [c.engine for c in status.cascades]
-    assert len({id(e.stage1) for e in engines}) == 1
-    assert list(status.schedulers) == ["cpu"]  # one CPU scheduler for every cascade
+    assert len({e.stage1 for e in engines}) == 1
+    assert [s.name for s in status.schedulers] == ["cpu"]  # one CPU scheduler for every cascade
 
 
 # --- /health, /metrics, /v1/models

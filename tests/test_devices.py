@@ -40,29 +40,29 @@ def test_gate_checks_vram_and_cools_down() -> None:
     clock = FakeClock()
     acc = FakeAccelerator(free_mb=600)
     gate = GpuGate(acc, min_free_vram_mb=512, cooldown_s=10, clock=clock)
-    assert gate.check() is None and gate.state()["gpu_state"] == "ok"
+    assert gate.check() is None and gate.snapshot().state == "ok"
     acc.free_mb = 511
     assert gate.check() == "low_vram"
     acc.free_mb = 4000
     gate.record_failure("oom")
-    state = gate.state()
-    assert state["gpu_state"] == "cooling_down" and state["gpu_cooldown_remaining_s"] == 10
-    assert state["gpu_failures"] == {"oom": 1} and acc.cache_emptied == 1
+    state = gate.snapshot()
+    assert state.state == "cooling_down" and state.cooldown_remaining_s == 10
+    assert dict(state.failures) == {"oom": 1} and acc.cache_emptied == 1
     assert gate.check() == "cooldown"
     clock.now += 10
-    assert gate.state()["gpu_state"] == "probing"
+    assert gate.snapshot().state == "probing"
 
     def broken_probe() -> None:
         raise RuntimeError("CUDA error: unspecified launch failure")
 
     assert gate.check(probe=broken_probe) == "cooldown"  # probe failed: cool down again
-    assert gate.state()["gpu_failures"] == {"oom": 1, "cuda_error": 1}
+    assert dict(gate.snapshot().failures) == {"oom": 1, "cuda_error": 1}
     clock.now += 10
     probes: list[int] = []
     assert gate.check(probe=lambda: probes.append(1)) is None
-    assert probes == [1] and gate.state()["gpu_state"] == "ok"
+    assert probes == [1] and gate.snapshot().state == "ok"
     assert gate.check(probe=lambda: probes.append(1)) is None and probes == [1]  # once only
-    assert gate.state()["gpu_probes"] == {"passed": 1, "failed": 1}
+    assert dict(gate.snapshot().probes) == {"passed": 1, "failed": 1}
     acc.free_mb = 10
-    assert gate.state()["gpu_state"] == "degraded"
+    assert gate.snapshot().state == "degraded"
     assert GpuGate(None, 0, 0).check() == "no_gpu"

@@ -1,8 +1,11 @@
-"""The Dockerfile: lint, install path, user, cache, entrypoint and the commands it runs.
+"""The Dockerfile: lint, variants, install path, constraints, user, cache, entrypoint and the
+commands it runs.
 
-No Docker engine runs here, so the image is never built in these tests. What is checked: hadolint
-(a real Dockerfile parser and linter), that the file agrees with CI, the README and the CLI, and the
-commands it runs (the HEALTHCHECK against a live server, the model-baking step).
+No Docker engine runs here, so the image is never built in these tests (tests/test_docker_engine.py
+and tests/test_scale_engine.py build it where an engine answers). What is checked: hadolint (a real
+Dockerfile parser and linter), that the file agrees with CI, the README, pyproject.toml and the CLI,
+and the commands it runs (the entrypoint, the HEALTHCHECK against a live server, the model-baking
+step).
 """
 
 from __future__ import annotations
@@ -14,22 +17,30 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
+import warnings
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from reranker_server.cli import build_parser, settings_from_args
-from reranker_server.model_generator import TestModelPaths
+from reranker_server.model_generator import TestModelPaths, write_test_models
+from reranker_server.runners.registry import RUNNER_KINDS
 from reranker_server.settings import Settings
 from tests.conftest import free_port
 from tests.deploy_files import (
+    CONSTRAINTS,
     DOCKERFILE,
+    ENTRYPOINT,
     ROOT,
     Instruction,
     build_args,
     dockerfile_instructions,
     exec_form,
+    key_values,
     last_stage_env,
     stage_chain,
     stages,
@@ -42,6 +53,14 @@ CACHE_DIR = "/app/hf_cache"
 @pytest.fixture(scope="module")
 def instructions() -> list[Instruction]:
     return dockerfile_instructions()
+
+
+@pytest.fixture(scope="module")
+def onnx_models(tmp_path_factory: pytest.TempPathFactory) -> TestModelPaths:
+    """What the default image serves: FlashRank, then the cross-encoder's ONNX export."""
+    with warnings.catch_warnings():  # the ONNX export's tracer warnings are not test failures
+        warnings.simplefilter("ignore")
+        return write_test_models(tmp_path_factory.mktemp("onnx-models"), onnx=True)
 
 
 def only(instructions: list[Instruction], keyword: str) -> Instruction:
@@ -65,14 +84,31 @@ def test_hadolint_finds_nothing() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_cpu_and_cuda_variants(instructions: list[Instruction]) -> None:
+VARIANTS = ("cpu", "torch-cpu", "cuda")
+
+
+def test_three_variants_the_default_without_torch(instructions: list[Instruction]) -> None:
     assert build_args(instructions)["VARIANT"] == "cpu"
-    cpu, cuda = stage_chain(instructions, "cpu"), stage_chain(instructions, "cuda")
-    assert cpu == ["base", "torch-cpu", "server"]
-    assert cuda == ["base", "torch-cuda", "server"]
+    for variant in VARIANTS:
+        assert stage_chain(instructions, variant) == ["base", f"runtime-{variant}", "server"]
     by_stage = stages(instructions)
-    cuda_env = {i.arguments for i in by_stage["torch-cuda"] if i.keyword == "ENV"}
+    assert _torch_installs(instructions, "runtime-cpu") == []
+    # Both stages through ONNX Runtime on the CPU: a runner kind that needs no torch.
+    cpu_env = {}
+    for instruction in by_stage["runtime-cpu"]:
+        if instruction.keyword == "ENV":
+            cpu_env.update(key_values(instruction.arguments))
+    assert Settings(**_settings_from_env(cpu_env)).stage2_kind == "onnx-cross-encoder"
+    assert "onnx-cross-encoder" in RUNNER_KINDS
+    assert Settings(**_settings_from_env(cpu_env)).stage2_on_cpu is True
+    cuda_env = {i.arguments for i in by_stage["runtime-cuda"] if i.keyword == "ENV"}
     assert any("NVIDIA_VISIBLE_DEVICES" in env for env in cuda_env)
+
+
+def _settings_from_env(env: dict[str, str]) -> dict[str, str]:
+    return {
+        k.removeprefix("RERANKER_").lower(): v for k, v in env.items() if k.startswith("RERANKER_")
+    }
 
 
 def _torch_installs(instructions: list[Instruction], stage: str) -> list[str]:
@@ -96,8 +132,8 @@ def test_install_path_is_the_readme_and_ci_one(instructions: list[Instruction]) 
     assert len(ci_pins) == 1
     assert ci_pins == make_pins
 
-    cpu_install = _torch_installs(instructions, "torch-cpu")
-    cuda_install = _torch_installs(instructions, "torch-cuda")
+    cpu_install = _torch_installs(instructions, "runtime-torch-cpu")
+    cuda_install = _torch_installs(instructions, "runtime-cuda")
     assert len(cpu_install) == 1
     assert len(cuda_install) == 1
     (pin,) = ci_pins
@@ -105,19 +141,53 @@ def test_install_path_is_the_readme_and_ci_one(instructions: list[Instruction]) 
     assert f'"torch=={pin}"' in cuda_install[0]
     # The CPU wheel comes from the index the README names for hosts without a local wheel.
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    cpu_index = re.search(r"--index-url \"?(\S+?)\"?$", cpu_install[0])
+    cpu_index = re.search(r"--index-url \"?(\S+?)\"? ", cpu_install[0])
     assert cpu_index and cpu_index.group(1) == "https://download.pytorch.org/whl/cpu"
     assert f"pip install torch=={pin} --index-url {cpu_index.group(1)}" in readme
 
-    # Then the project: its pyproject.toml, with no second list of dependencies.
+    # Then the project: its pyproject.toml (with the torch extra where torch is installed), every
+    # package pinned by the constraints file, torch included.
     server = final_stage(instructions)
     copied = [i.arguments for i in server if i.keyword == "COPY"]
     assert any("pyproject.toml" in c for c in copied)
     pip_runs = [i.arguments for i in server if i.keyword == "RUN" and "pip install" in i.arguments]
     assert len(pip_runs) == 1
-    assert re.search(r'pip install "\.\[torch\]"(\s|$)', pip_runs[0]), pip_runs[0]
+    constraint = f"-c {CONSTRAINTS.relative_to(ROOT)}"
+    assert f'pip install {constraint} ".${{extra}}"' in pip_runs[0], pip_runs[0]
+    assert 'if pip show --quiet torch 2>/dev/null; then extra="[torch]"; fi' in pip_runs[0]
+    assert constraint in cpu_install[0] and constraint in cuda_install[0]
     assert "requirements" not in " ".join(copied + pip_runs)
     assert "pip check" in pip_runs[0]
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in CONSTRAINTS.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version and " " not in line, f"not a name==version pin: {line}"
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_constraints_pin_every_dependency_of_the_image() -> None:
+    """What pip freeze wrote: every requirement of pyproject.toml (base and torch extra) pinned to
+    a version it accepts, torch to CI's pin, and no direct references (file paths, URLs)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    pins = _pins()
+    required = [
+        Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["torch"]
+    ]
+    for requirement in required:
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is not pinned in {CONSTRAINTS.name}"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            requirement,
+            pins[name],
+        )
+    (ci_pin,) = set(re.findall(r"torch==([\w.+]+)", (ROOT / ".ci" / "run").read_text()))
+    assert pins["torch"] == ci_pin  # no +cpu: the CUDA wheel satisfies the same pin
+    assert "reranker-server" not in pins
 
 
 def test_runs_as_non_root_user(instructions: list[Instruction]) -> None:
@@ -143,23 +213,66 @@ def test_models_cache_and_port(instructions: list[Instruction]) -> None:
     assert str(Settings.model_fields["port"].default) == "5200"
 
 
-def test_entrypoint_is_the_cli_in_exec_form(
+def _entrypoint_argv(instructions: list[Instruction]) -> list[str]:
+    """ENTRYPOINT + CMD, the entrypoint script taken from the repository (where the image has it
+    under /app)."""
+    entrypoint = exec_form(only(instructions, "ENTRYPOINT").arguments)
+    assert entrypoint == [f"/app/{ENTRYPOINT.relative_to(ROOT)}"]
+    return ["sh", str(ENTRYPOINT), *exec_form(only(instructions, "CMD").arguments)]
+
+
+def test_entrypoint_runs_the_cli_with_the_image_env(
     instructions: list[Instruction], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """ENTRYPOINT + CMD is `reranker-server serve`, parsed by the real CLI with the image's ENV."""
-    argv = exec_form(only(instructions, "ENTRYPOINT").arguments) + exec_form(
-        only(instructions, "CMD").arguments
-    )
-    assert argv == ["reranker-server", "serve"]
-    (script,) = entry_points(group="console_scripts", name=argv[0])
+    assert exec_form(only(instructions, "CMD").arguments) == ["serve"]
+    assert ENTRYPOINT.stat().st_mode & 0o111, "the entrypoint must be executable"
+    assert 'exec reranker-server "$@"' in ENTRYPOINT.read_text()
+    (script,) = entry_points(group="console_scripts", name="reranker-server")
     assert script.value == "reranker_server.cli:main"
     for name, value in last_stage_env(instructions).items():
         monkeypatch.setenv(name, value)
-    args = build_parser().parse_args(argv[1:])
+    args = build_parser().parse_args(["serve"])
     assert args.command == "serve"
     settings = settings_from_args(args)
     assert settings.model_cache_dir == Path(CACHE_DIR)
     assert (settings.host, settings.port) == ("0.0.0.0", 5200)
+
+
+def _run_entrypoint(*argv: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    return subprocess.run(
+        ["sh", str(ENTRYPOINT), *argv], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["python", "-c", "print('from python')"], "from python"),  # a program of the image
+        (["--help"], "usage: reranker-server"),  # options: the CLI
+        (["download", "--help"], "usage: reranker-server download"),  # a command: the CLI
+        (["reranker-server", "--help"], "usage: reranker-server"),
+    ],
+    ids=["python", "cli-option", "cli-command", "cli-by-name"],
+)
+def test_docker_run_image_args(argv: list[str], expected: str) -> None:
+    """`docker run IMAGE ARGS`: a program runs as itself, anything else goes to reranker-server."""
+    result = _run_entrypoint(*argv)
+    assert result.returncode == 0, result.stderr
+    assert expected in result.stdout
+
+
+def test_entrypoint_execs_so_the_program_gets_the_stop_signal() -> None:
+    """No shell left in between: the program keeps the entrypoint's process id (PID 1 in Docker)."""
+    process = subprocess.Popen(
+        ["sh", str(ENTRYPOINT), "sh", "-c", "echo $$"], stdout=subprocess.PIPE, text=True
+    )
+    out, _ = process.communicate(timeout=30)
+    assert int(out) == process.pid
 
 
 def test_stop_signal_reaches_the_server(instructions: list[Instruction]) -> None:
@@ -178,15 +291,16 @@ def _healthcheck_argv(instructions: list[Instruction]) -> tuple[str, list[str]]:
 
 
 def test_container_command_serves_passes_healthcheck_and_stops_on_sigterm(
-    instructions: list[Instruction], tiny_models: TestModelPaths, tmp_path: Path
+    instructions: list[Instruction], onnx_models: TestModelPaths, tmp_path: Path
 ) -> None:
     """What `docker run` then `docker stop` do: the image's ENTRYPOINT + CMD with its ENV (the
     cache moved to a temporary directory, tiny models), the HEALTHCHECK command, then SIGTERM."""
     options, health_argv = _healthcheck_argv(instructions)
     assert "--start-period=" in options  # the first start downloads models
-    argv = exec_form(only(instructions, "ENTRYPOINT").arguments) + exec_form(
-        only(instructions, "CMD").arguments
-    )
+    # Healthy within seconds of readiness (Docker before 25 has no --start-interval).
+    interval = re.search(r"--interval=(\d+)s", options)
+    assert interval and int(interval.group(1)) <= 5, options
+    argv = _entrypoint_argv(instructions)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RERANKER_")}
     env.update(last_stage_env(instructions))
     env.update(
@@ -196,8 +310,8 @@ def test_container_command_serves_passes_healthcheck_and_stops_on_sigterm(
             "RERANKER_MODEL_CACHE_DIR": str(tmp_path),
             "RERANKER_HOST": "127.0.0.1",
             "RERANKER_PORT": str(free_port()),
-            "RERANKER_STAGE1_MODEL": str(tiny_models.stage1),
-            "RERANKER_STAGE2_MODEL": str(tiny_models.stage2),
+            "RERANKER_STAGE1_MODEL": str(onnx_models.stage1),
+            "RERANKER_STAGE2_MODEL": str(onnx_models.onnx),
             "RERANKER_OFFLINE": "true",
             "RERANKER_DEVICE": "cpu",
             "RERANKER_CPU_THREADS": "1",
@@ -278,6 +392,13 @@ def test_bake_models_step_runs(
         assert f"stage 2: {tiny_models.stage2}" in result.stdout
     else:
         assert result.stdout == ""
+
+
+def test_the_model_cache_is_a_volume_the_server_can_write(instructions: list[Instruction]) -> None:
+    """A named volume starts as a copy of the image's /app/hf_cache, owner included: no
+    root-owned directory, no crash loop under `restart: unless-stopped`."""
+    volumes = [exec_form(i.arguments) for i in final_stage(instructions) if i.keyword == "VOLUME"]
+    assert volumes == [[CACHE_DIR]]
 
 
 def test_dockerignore_sends_only_what_the_image_copies(instructions: list[Instruction]) -> None:

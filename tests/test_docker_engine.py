@@ -1,11 +1,13 @@
 """The image, built and run for real by a Docker engine (skipped where none answers `docker info`).
 
-What a user does: `docker build`, `docker run` with generated models mounted read-only (files
-0644, read by the container's uid 1000), a request, the HEALTHCHECK turning healthy, `docker stop`
-ending with status 0; and a cache volume uid 1000 can't write stopping startup with one line.
+What a user does: `docker build` (the default image: no torch), `docker run` with generated models
+mounted read-only (files 0644, read by the container's uid 1000), a request through both stages
+(FlashRank, then the cross-encoder's ONNX export), the HEALTHCHECK turning healthy, `docker stop`
+with the documented grace ending with status 0, `docker run IMAGE python ...`; and a host directory
+uid 1000 can't write stopping startup with one line.
 
-Slow (the CPU image installs torch: minutes, 1.6 GB), so it runs with `make test-all`. Where the
-base image or PyPI needs a stand-in, DOCKER_BUILD_ARGS passes extra `docker build` arguments.
+Slow (an image build: minutes), so it runs with `make test-all`. Where the base image or PyPI
+needs a stand-in, DOCKER_BUILD_ARGS passes extra `docker build` arguments.
 """
 
 from __future__ import annotations
@@ -16,16 +18,18 @@ import shutil
 import subprocess
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from reranker_server.model_generator import TestModelPaths
+from reranker_server.model_generator import TestModelPaths, write_test_models
+from reranker_server.settings import Settings
 
 from .conftest import free_port
-from .deploy_files import ROOT
+from .deploy_files import ROOT, stop_grace_s
 
 IMAGE = "reranker-server:engine-test"
 MODELS = "/models"
@@ -73,6 +77,13 @@ def image() -> str:
     return IMAGE
 
 
+@pytest.fixture(scope="module")
+def onnx_models(tmp_path_factory: pytest.TempPathFactory) -> TestModelPaths:
+    with warnings.catch_warnings():  # the ONNX export's tracer warnings are not test failures
+        warnings.simplefilter("ignore")
+        return write_test_models(tmp_path_factory.mktemp("onnx-models"), onnx=True)
+
+
 @pytest.fixture
 def container() -> Iterator[str]:
     name = f"reranker-test-{uuid.uuid4().hex[:8]}"
@@ -85,9 +96,9 @@ def _state(name: str, field: str) -> str:
 
 
 def test_the_image_serves_turns_healthy_and_stops_with_0(
-    image: str, container: str, tiny_models: TestModelPaths
+    image: str, container: str, onnx_models: TestModelPaths
 ) -> None:
-    models = tiny_models.stage2.parent
+    models = onnx_models.stage2.parent
     port = free_port()
     docker(
         "run",
@@ -99,9 +110,9 @@ def test_the_image_serves_turns_healthy_and_stops_with_0(
         "-v",
         f"{models}:{MODELS}:ro",
         "-e",
-        f"RERANKER_STAGE1_MODEL={MODELS}/flashrank/{tiny_models.stage1.name}",
+        f"RERANKER_STAGE1_MODEL={MODELS}/flashrank/{onnx_models.stage1.name}",
         "-e",
-        f"RERANKER_STAGE2_MODEL={MODELS}/cross-encoder",
+        f"RERANKER_STAGE2_MODEL={MODELS}/onnx-cross-encoder",
         "-e",
         "RERANKER_OFFLINE=true",
         "--health-interval=2s",
@@ -119,9 +130,22 @@ def test_the_image_serves_turns_healthy_and_stops_with_0(
         timeout=30,
     )
     assert answer.status_code == 200 and len(answer.json()["results"]) == 2
-    assert "Swagger UI" in httpx.get(f"http://127.0.0.1:{port}/docs", timeout=10).text
-    docker("stop", "-t", "40", container, timeout=60)
+    assert len(answer.json()["stages"]) == 2  # FlashRank, then the ONNX cross-encoder
+    assert "SwaggerUIBundle" in httpx.get(f"http://127.0.0.1:{port}/docs", timeout=10).text
+    grace = stop_grace_s(Settings().drain_timeout_s)
+    docker("stop", "-t", str(grace), container, timeout=grace + 30)
     assert _state(container, ".State.ExitCode") == "0"
+
+
+def test_docker_run_image_python_runs_python(image: str) -> None:
+    run = docker("run", "--rm", image, "python", "-c", "import reranker_server; print('ok')")
+    assert run.stdout.strip() == "ok"
+    assert docker("run", "--rm", image, "python", "-c", "import torch", check=False).returncode
+
+
+def test_the_default_image_has_no_torch_and_fits_600_mb(image: str) -> None:
+    size = int(docker("image", "inspect", "--format", "{{.Size}}", image).stdout)
+    assert size <= 600 * 10**6, size
 
 
 def test_a_cache_uid_1000_cannot_write_stops_startup_with_one_line(

@@ -65,7 +65,7 @@ def test_real_oom_falls_back_to_stage1(make_settings: Callable[..., Settings]) -
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, 0)
     assert (out.backend, out.fallback) == ("cpu", "oom")
-    assert engine.gate.state()["gpu_state"] == "cooling_down"
+    assert engine.gate.snapshot().state == "cooling_down"
     assert np.isfinite([r.score for r in out.results]).all()
 
 

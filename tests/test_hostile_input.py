@@ -8,6 +8,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import psutil
@@ -18,6 +19,7 @@ from reranker_server.server import uvicorn_options
 from reranker_server.settings import Settings
 
 from .conftest import running
+from .keyword_server import keyword_app
 
 MB = 1024 * 1024
 
@@ -314,3 +316,166 @@ def test_an_h2c_upgrade_header_is_ignored_and_the_body_read(hostile_server: str)
             assert response.status_code == 200, response.text[:300]
             assert response.http_version == "HTTP/1.1"
             assert len(response.json()["results"]) == 2
+
+
+# --- every route in the OpenAPI document, one catalogue
+#
+# The walk reads the routes from the app's own OpenAPI document, so a route added tomorrow is
+# walked the day it is added (a POST route without an example body fails
+# `test_the_walk_covers_every_route`). For each example body it puts each catalogue value at
+# every place in the body (each field of the request's schema, each list item, each field of a
+# nested object) and asserts: never a 5xx, and a 4xx is JSON that names the field hit (or one
+# around it). A lone surrogate anywhere is a 422 naming where it is.
+
+HUGE_COUNT = 20_000  # over every count limit (max_documents, max_batch_requests)
+HUGE_STRING = "a" * 256 * 1024  # over every length limit (document, query characters)
+NESTED = json.loads("[" * 200 + "]" * 200)
+
+# (name, value); "surrogate" is checked strictly (422 naming the place).
+CATALOGUE: list[tuple[str, object]] = [
+    ("surrogate", "a\udfff"),
+    ("nested", NESTED),
+    ("true", True),
+    ("false", False),
+    ("huge count", None),  # a list of HUGE_COUNT copies of what is there (see `hostile`)
+    ("huge string", HUGE_STRING),
+    ("object", {"x": {"y": [1, None]}}),
+    ("float", 1.5),
+    ("huge int", 10**30),
+    ("negative", -1),
+    ("null", None),
+]
+
+API_SCHEMA = create_app(Settings()).openapi()  # routes only: an app never started
+
+Path = tuple[str | int, ...]
+
+
+def _resolve(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    """The object schemas a request body schema stands for (a $ref, or one of several)."""
+    if "$ref" in schema:
+        return [API_SCHEMA["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]]
+    return [s for option in schema.get("oneOf", schema.get("anyOf", [])) for s in _resolve(option)]
+
+
+def example_bodies() -> list[tuple[str, dict[str, Any], list[str]]]:
+    """(path, example body, the top-level fields of its schema) for every POST route."""
+    found = []
+    for path, methods in API_SCHEMA["paths"].items():
+        content = methods.get("post", {}).get("requestBody", {}).get("content", {})
+        media = content.get("application/json", {})
+        schemas = _resolve(media.get("schema", {}))
+        examples = [e["value"] for e in media.get("examples", {}).values()]
+        examples += [e for s in schemas for e in s.get("examples", [])]
+        for example in examples:
+            # the schema the example is written in: the one whose required fields it has
+            fields = [
+                name
+                for s in schemas
+                if set(s.get("required", [])) <= set(example)
+                for name in s["properties"]
+            ]
+            found.append((path, example, fields))
+    return found
+
+
+def _places(value: object, path: Path = ()) -> list[Path]:
+    """Every place in a JSON value: itself, each list item, each object field (recursively)."""
+    places = [path]
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            places += _places(item, (*path, i))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            places += _places(item, (*path, key))
+    return places
+
+
+def _field(path: Path) -> str:
+    """A place as errors name it: `requests[1].documents[0]`."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+def hostile(body: dict[str, Any], path: Path, name: str, value: object) -> dict[str, Any]:
+    """`body` with `value` put at `path` (a copy)."""
+    copy = json.loads(json.dumps(body))
+    parent: Any = copy
+    for part in path[:-1]:
+        parent = parent[part]
+    if name == "huge count":
+        current = parent[path[-1]] if path[-1] in parent or isinstance(parent, list) else "a"
+        value = (current if isinstance(current, list) else [current]) * HUGE_COUNT
+        if isinstance(current, list) and current:
+            value = current[:1] * HUGE_COUNT
+    parent[path[-1]] = value
+    return copy
+
+
+def walk_cases() -> list[tuple[str, dict[str, Any], str, Path]]:
+    cases = []
+    for route, example, fields in example_bodies():
+        places = {p for p in _places(example) if p} | {(name,) for name in fields}
+        for place in sorted(places, key=str):
+            for name, value in CATALOGUE:
+                cases.append((route, hostile(example, place, name, value), name, place))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def walk_server() -> Iterator[str]:
+    """The keyword engine (scores in microseconds) behind the real HTTP stack."""
+    with running(keyword_app(), **uvicorn_options(Settings())) as url:
+        yield url
+
+
+def _related(field: str, place: str) -> bool:
+    """The error names the place hit, a field around it, or a part inside it."""
+    return (
+        field in ("body", place)
+        or place.startswith((f"{field}.", f"{field}["))
+        or (field.startswith((f"{place}.", f"{place}[")))
+    )
+
+
+def test_every_route_survives_the_catalogue(walk_server: str) -> None:
+    cases = walk_cases()
+    failures = []
+    with httpx.Client(base_url=walk_server, timeout=60) as client:
+        for route, payload, name, place in cases:
+            response = client.post(route, content=json.dumps(payload))
+            where = f"{route} {name} at {_field(place)}: {response.status_code}"
+            if response.status_code >= 500:
+                failures.append(f"{where} {response.text[:200]}")
+                continue
+            if response.status_code < 400:
+                if name == "surrogate":
+                    failures.append(f"{where} (a lone surrogate was accepted)")
+                continue
+            error = response.json()
+            field = error.get("field")
+            if not (isinstance(field, str) and field and error.get("error_type")):
+                failures.append(f"{where} error without a field: {response.text[:200]}")
+            elif not _related(field, _field(place)):
+                failures.append(f"{where} names {field!r}")
+            elif name == "surrogate" and response.status_code != 422:
+                failures.append(f"{where} (expected 422)")
+    assert len(cases) > 500  # every POST route, every place, every value
+    assert failures == []
+
+
+def test_every_get_route_survives_a_hostile_query_string(walk_server: str) -> None:
+    junk = {"top_k": "true", "x": "\udfff".encode("utf-8", "surrogatepass").decode("latin-1")}
+    gets = [p for p, methods in API_SCHEMA["paths"].items() if "get" in methods]
+    for path in gets:
+        response = httpx.get(f"{walk_server}{path}", params={**junk, "y": "a" * 4000}, timeout=30)
+        assert response.status_code < 500, (path, response.text[:200])
+
+
+def test_the_walk_covers_every_route() -> None:
+    walked = {route for route, _, _ in example_bodies()}
+    posts = {p for p, methods in API_SCHEMA["paths"].items() if "post" in methods}
+    assert walked == posts  # a POST route without an example body would go unwalked
+    assert {"/rerank", "/rerank/batch", "/v1/rerank", "/v2/rerank", "/score", "/v1/score"} <= posts

@@ -135,7 +135,8 @@ def test_accepted_models_refuse_other_names_with_a_404(strict_models: str) -> No
         ("/v2/rerank", {**ok, "model": "gpt-4"}, "model"),
         ("/rerank", {**ok, "model": "gpt-4"}, "model"),
         ("/rerank", {"query": QUERY, "texts": DOCUMENTS, "model": "gpt-4"}, "model"),
-        ("/rerank/batch", {"requests": [{**ok, "model": "gpt-4"}]}, "model"),
+        ("/rerank/batch", {"requests": [{**ok, "model": "gpt-4"}]}, "requests[0].model"),
+        ("/rerank/batch", {"requests": [ok], "model": "gpt-4"}, "model"),
     ]
     for route, body, field in cases:
         response = httpx.post(strict_models + route, json=body)

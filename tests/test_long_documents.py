@@ -24,7 +24,7 @@ from reranker_server.devices import GpuGate
 from reranker_server.engine.cache import MemoryScoreCache
 from reranker_server.engine.engine import Engine
 from reranker_server.engine.loader import load_engine
-from reranker_server.engine.windows import GROUP, Windower, WindowPlan, word_cuts
+from reranker_server.engine.windows import FIRST_GROUP, GROUP, Windower, WindowPlan, word_cuts
 from reranker_server.errors import InvalidRequestError, RequestCancelledError
 from reranker_server.model_generator import STAGE1_FILE, WORDS, TestModelPaths
 from reranker_server.runners.base import PairwiseRunner
@@ -411,4 +411,4 @@ def test_planning_stops_when_the_request_is_cancelled() -> None:
     encoder = Counting(cancel)
     with pytest.raises(RequestCancelledError):
         Windower(encoder).plan("q", ["doc"] * (GROUP * 3), TRUNCATE, cancel=cancel)
-    assert encoder.encoded == 1 + GROUP
+    assert encoder.encoded == 1 + FIRST_GROUP

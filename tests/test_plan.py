@@ -196,7 +196,7 @@ def test_a_gpu_fault_falls_back_to_stage1(fault: Callable[[], Exception], reason
     assert f"the GPU failed ({reason})" in out.plan_reason
     assert [s.stage for s in out.stages] == ["stage1"]
     assert [r.index for r in out.results] == [4, 1]  # stage 1's order
-    assert e.gate.state()["gpu_state"] == "cooling_down" and acc.cache_emptied == 1
+    assert e.gate.snapshot().state == "cooling_down" and acc.cache_emptied == 1
     assert e.rerank(job()).plan_reason == "GPU not usable (cooldown)"
 
 
@@ -316,6 +316,20 @@ def test_response_log_and_metrics_name_the_plan(
         if r.name == "reranker_server.access" and "/rerank" in r.getMessage()
     ]
     assert line["plan"] == "gpu_only" and line["plan_reason"] == answer["plan_reason"]
+
+
+def test_the_answer_names_a_plan_only_when_one_was_chosen(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Under RERANKER_STAGE1=always no plan is chosen per request: the answer leaves `plan` and
+    `plan_reason` out, the outcome says so (`plan_chosen`), the log line still names it."""
+    always = engine(CHEAP_GPU, mode="always")
+    assert not always.rerank(job()).plan_chosen and engine(CHEAP_GPU).rerank(job()).plan_chosen
+    app = create_app(make_settings(), lambda _s: engine(CHEAP_GPU, mode="always"))
+    with running(app) as url:
+        answer = httpx.post(f"{url}/rerank", json={"query": QUERY, "documents": DOCS}).json()
+    assert "plan" not in answer and "plan_reason" not in answer
+    assert [s["name"] for s in answer["stages"]] == ["stage1", "stage2"]
 
 
 def test_stage1_setting_values() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import subprocess
@@ -121,6 +122,64 @@ def test_timing_headers(served: tuple[httpx.Client, MemoryScoreCache]) -> None:
     )
     assert set(timing) == {"queue", "stage1", "stage2"}
     assert all(float(ms) >= 0 for ms in timing.values())
+
+
+def post_raw(url: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+    """POST with Python's own http.client (it refuses a header line over 64 KiB)."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        payload = json.dumps(body)
+        connection.request("POST", path, payload, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+def timing_entries(header: str) -> list[tuple[str, float]]:
+    return [(name, float(ms)) for name, ms in (p.strip().split(";dur=") for p in header.split(","))]
+
+
+def test_server_timing_sums_each_stage_over_a_batch(
+    served: tuple[httpx.Client, MemoryScoreCache], caplog: pytest.LogCaptureFixture
+) -> None:
+    """One entry per stage name however many jobs ran, each the sum of the jobs' stage times
+    (the answer's per-job `seconds`); the log line says the same."""
+    client, _ = served
+    jobs = [{**BODY, "query": f"{SECRET_QUERY} {i}"} for i in range(32)]
+    with caplog.at_level(logging.INFO, logger="reranker_server.access"):
+        response = client.post("/rerank/batch", json={"requests": jobs})
+    assert response.status_code == 200
+    entries = timing_entries(response.headers["server-timing"])
+    assert [name for name, _ in entries] == ["queue", "stage1", "stage2"]
+    timing = dict(entries)
+    answers = response.json()["responses"]
+    for index, stage in enumerate(("stage1", "stage2")):
+        total_ms = sum(answer["stages"][index]["seconds"] for answer in answers) * 1000
+        assert timing[stage] == pytest.approx(total_ms, abs=0.05)
+    [line] = access_lines(caplog)
+    assert line["stages_ms"] == pytest.approx(
+        {k: timing[k] for k in ("stage1", "stage2")}, abs=0.01
+    )
+    assert line["queue_wait_ms"] == pytest.approx(timing["queue"], abs=0.01)
+    assert line["documents"] == 32 * 3
+
+
+def test_server_timing_stays_small_for_many_score_pairs(
+    served: tuple[httpx.Client, MemoryScoreCache],
+) -> None:
+    """1,000 pairs on /v1/score (one job each) answer with the same three timing entries, a
+    header line of well under 1 KB, readable by http.client."""
+    client, _ = served
+    pairs = 1000
+    body = {"text_1": ["zebra"] * pairs, "text_2": [f"zebra {i}" for i in range(pairs)]}
+    status, headers, raw = post_raw(str(client.base_url), "/v1/score", body)
+    assert status == 200 and len(json.loads(raw)["data"]) == pairs
+    timing = headers["server-timing"]
+    assert [name for name, _ in timing_entries(timing)] == ["queue", "stage1", "stage2"]
+    assert len(timing) < 1024
+    assert sum(len(k) + len(v) for k, v in headers.items()) < 2048
 
 
 @pytest.mark.parametrize(

@@ -94,7 +94,7 @@ def test_batches_respect_the_token_budget_and_pair_cap() -> None:
     scheduler = Scheduler(1)
     docs = [" ".join(["word"] * n) for n in (30, 5, 5, 5, 5, 5)]
     lane = Lane("l", runner, max_pairs=3, batch_tokens=40)
-    scores, tokens = scheduler.score(lane, [("q", d) for d in docs])
+    scores, tokens, _ = scheduler.score(lane, [("q", d) for d in docs])
     scheduler.close()
     assert scores == runner.score("q", docs)
     assert tokens == sum(3 + len(d.split()) for d in docs)

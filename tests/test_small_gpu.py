@@ -198,7 +198,7 @@ def test_gpu_nan_scores_fall_back_instead_of_failing(tiny_models: TestModelPaths
     out = engine.rerank(RerankJob(QUERY, DOCS, top_k=3))
     assert (out.backend, out.fallback) == ("cpu", "invalid_scores")
     assert all(np.isfinite(r.score) for r in out.results)
-    assert engine.gate.state()["gpu_state"] == "cooling_down"
+    assert engine.gate.snapshot().state == "cooling_down"
 
 
 def test_max_length_is_clamped_to_the_model(tiny_models: TestModelPaths) -> None:

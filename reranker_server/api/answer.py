@@ -1,69 +1,73 @@
-"""What every dialect shares: documents -> texts, `top_n` -> a count, usage figures, and the one
-answer path from a dialect's jobs through the service.
+"""What every dialect shares: documents -> texts, `top_n` -> a count, the answer's size, usage
+figures, and the one answer path from a dialect's work through the service.
 
-A dialect module is three parts: its request model, `to_job(body, settings)` and
-`from_outcome(outcome, body, model)`; api/routes.py joins them with `answer` below.
+A dialect module is three parts: its request model, `to_work(body, settings)` (a `RerankWork`:
+the request's totals, how to build its jobs and how its fields are named) and
+`from_outcome(outcome, body, model)`; api/routes.py joins them with `answer` below. The service
+admits the work as a whole (admission.py) before any job runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import heapq
 import json
 import math
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Request
 from starlette.types import Receive
 
-from ..engine.trace import current_trace
 from ..errors import InvalidRequestError, RequestCancelledError
 from ..service import RerankService
-from ..types import Cancellation, RerankJob, RerankOutcome
+from ..types import Cancellation, RerankJob, RerankOutcome, RerankWork
 from .schemas import Usage
-from .telemetry import cache_wanted
+from .telemetry import Answered, cache_wanted, record_answer
 
 # raw_scores: logit(p) with p kept this far from 0 and 1 (|logit| <= 20.7).
 LOGIT_EPSILON = 1e-9
 # A server whose receive() answers at once after the body (not uvicorn) is asked this often.
 DISCONNECT_POLL_S = 0.1
 CLIENT_CLOSED = "client closed the connection"
+# What one result of an answer takes in JSON besides the texts it echoes, at most about this
+# (index, scores, stage figures, separators).
+RESULT_BYTES = 160
+# What an answer takes besides its results (id, model, usage, stages).
+ANSWER_BYTES = 1024
 
 
 async def answer(
-    request: Request,
-    service: RerankService,
-    dialect: str,
-    jobs: Sequence[RerankJob],
-    names: Mapping[str, str] | None = None,
+    request: Request, service: RerankService, dialect: str, work: RerankWork
 ) -> list[RerankOutcome]:
-    """Run a request's jobs (one, or a batch as one unit of work) through the service.
+    """Run a request's work through the service: admitted as a whole, then its jobs as one unit
+    of work; the outcomes in the jobs' order.
 
-    `dialect` labels the request in metrics and logs; `names` maps the job's part names in
-    errors (`documents`, `jobs[2]`) to the request's fields (`texts`, `requests[2]`). The
-    request's cache opt-out (`Cache-Control: no-cache`, `X-Reranker-Cache: off`) goes into the
-    jobs. When the client disconnects before the answer is ready the jobs are cancelled (their
-    queued pairs are dropped) and the request ends as `RequestCancelledError` (499).
+    `dialect` labels the request in metrics and logs. The request's cache opt-out
+    (`Cache-Control: no-cache`, `X-Reranker-Cache: off`) goes into the jobs. When the client
+    disconnects before the answer is ready the jobs are cancelled (their queued pairs are
+    dropped) and the request ends as `RequestCancelledError` (499). The jobs and their outcomes
+    are handed to the telemetry middleware (`Answered`: headers, metrics, the log line).
     """
-    trace = current_trace.get()
-    if trace is not None:
-        trace.dialect = dialect
+    record_answer(request.scope, Answered(dialect))
     use_cache = cache_wanted({k.lower(): v for k, v in request.headers.items()})
     cancel = Cancellation()
-    jobs = [dataclasses.replace(job, use_cache=use_cache, cancel=cancel) for job in jobs]
-    try:
-        async with cancelled_on_disconnect(request.receive, cancel):
-            if len(jobs) == 1 and dialect != "batch":
-                outcomes = [await service.rerank(jobs[0])]
-            else:
-                outcomes = await service.rerank_batch(jobs)
-    except InvalidRequestError as exc:
-        raise exc.renamed(names or {}) from exc
+    build = work.build
+    jobs: list[RerankJob] = []  # as the service builds them, once their totals pass
+
+    def built() -> list[RerankJob]:
+        jobs[:] = [dataclasses.replace(j, use_cache=use_cache, cancel=cancel) for j in build()]
+        return jobs
+
+    work = dataclasses.replace(work, build=built)
+    async with cancelled_on_disconnect(request.receive, cancel):
+        outcomes = await service.answer(work)
     if cancel.reason == CLIENT_CLOSED:  # it left while the last pairs ran: nobody reads this
         raise RequestCancelledError(f"request cancelled: {CLIENT_CLOSED}")
+    record_answer(request.scope, Answered(dialect, tuple(jobs), tuple(outcomes)))
     return outcomes
 
 
@@ -123,6 +127,26 @@ def document_texts(
 
 def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def json_bytes(value: Any) -> int:
+    """The bytes `value` takes in an answer's JSON (UTF-8, escapes included)."""
+    return len(json.dumps(value, ensure_ascii=False).encode("utf-8"))
+
+
+def ranked_bytes(doc: str | dict[str, Any], rank_fields: Sequence[str] | None) -> int:
+    """About the bytes of the text ranked for `doc` (see `document_texts`), in JSON."""
+    if isinstance(doc, str):
+        return json_bytes(doc)
+    keys = rank_fields or ["text"]
+    return sum(json_bytes(doc[k]) + len(k) + 3 for k in keys if doc.get(k) is not None)
+
+
+def answer_bytes(echoes: Iterable[int], results: int) -> int:
+    """The most bytes an answer of `results` results can take, each result echoing one document
+    whose echo takes `echoes[i]` bytes (which documents come back is known only after scoring:
+    the largest ones count)."""
+    return ANSWER_BYTES + results * RESULT_BYTES + sum(heapq.nlargest(results, echoes))
 
 
 def returned_document(doc: str | dict[str, Any]) -> dict[str, Any]:

@@ -12,8 +12,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from ..settings import Settings
-from ..types import RerankJob, RerankOutcome
-from .answer import document_texts, new_id, result_count, returned_document, search_units, usage
+from ..types import RerankJob, RerankOutcome, RerankWork
+from .answer import (
+    answer_bytes,
+    document_texts,
+    json_bytes,
+    new_id,
+    result_count,
+    returned_document,
+    search_units,
+    usage,
+)
 from .long_documents import MaxChunksPerDoc, MaxTokensPerDoc, long_doc_policy
 from .schemas import Documents, ModelName, RankFields, ReturnDocuments, TopN, Usage
 
@@ -95,6 +104,24 @@ def to_job(body: CohereRerankRequest, settings: Settings) -> RerankJob:
     )
     return RerankJob(
         body.query, texts, result_count(body.top_n, len(texts)), policy=policy, model=body.model
+    )
+
+
+def to_work(body: CohereRerankRequest, settings: Settings) -> RerankWork:
+    """The request's work: one job; its answer echoes the documents with return_documents."""
+    count = len(body.documents)
+    echoes = (
+        (json_bytes(returned_document(doc)) for doc in body.documents)
+        if body.return_documents
+        else ()
+    )
+    return RerankWork(
+        documents=count,
+        queries=1,
+        answer_bytes=answer_bytes(echoes, result_count(body.top_n, count)),
+        build=lambda: [to_job(body, settings)],
+        answer_field="return_documents",
+        model=body.model,
     )
 
 

@@ -97,10 +97,14 @@ def _location(loc: tuple[int | str, ...]) -> str:
     return text or "body"
 
 
+# Errors raised for a list as a whole that name one of its items (`ctx["index"]`).
+ITEM_ERRORS = frozenset({"list_item_type", "list_item_unicode"})
+
+
 def _error_loc(error: Any) -> tuple[int | str, ...]:
     """The error's location; a fail-fast list check (schemas.fail_fast) adds the item's index."""
     loc = tuple(error.get("loc", ("body",)))
-    if error.get("type") == "list_item_type":
+    if error.get("type") in ITEM_ERRORS:
         loc += (error["ctx"]["index"],)
     return loc
 
@@ -109,7 +113,7 @@ def from_validation(exc: RequestValidationError) -> RerankerError:
     """FastAPI's validation errors as ours: bad JSON (400) or the first bad field (422)."""
     errors = list(exc.errors())
     if any(e.get("type") == "json_invalid" for e in errors):
-        return InvalidJsonError("request body is not valid JSON")
+        return InvalidJsonError("request body is not valid JSON", field="body")
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
     message = "; ".join(f"{_location(_error_loc(e))}: {e['msg']}" for e in errors[:5])
     return InvalidRequestError(message, field=_location(_error_loc(first)))
@@ -119,7 +123,7 @@ def from_http(exc: StarletteHTTPException) -> RerankerError:
     """Starlette's own HTTP errors (no route, wrong method, undecodable body) as ours."""
     if exc.status_code == 400:  # FastAPI could not decode the body (bad bytes, nested too deep)
         return InvalidJsonError(
-            "request body is not valid JSON (undecodable bytes or nested too deeply)"
+            "request body is not valid JSON (undecodable bytes or nested too deeply)", field="body"
         )
     if exc.status_code == 405:
         return MethodNotAllowedError(str(exc.detail))

@@ -18,6 +18,7 @@ from ..errors import (
     TooManyConnectionsError,
     UnauthorizedError,
     UnsupportedMediaTypeError,
+    shown,
 )
 from .auth import bearer_token, key_matches
 from .errors import error_response
@@ -77,7 +78,7 @@ class RequestGuard:
             await _reply(
                 send,
                 UnsupportedMediaTypeError(
-                    f"Content-Type must be application/json, got {content_type!r}",
+                    f"Content-Type must be application/json, got {shown(content_type)}",
                     field="content-type",
                 ),
             )
@@ -87,7 +88,7 @@ class RequestGuard:
             await _reply(
                 send,
                 UnsupportedMediaTypeError(
-                    f"Content-Encoding {encoding!r} is not accepted; send plain JSON",
+                    f"Content-Encoding {shown(encoding)} is not accepted; send plain JSON",
                     field="content-encoding",
                 ),
             )

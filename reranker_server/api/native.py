@@ -13,11 +13,19 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine.plan import ALWAYS
 from ..errors import InvalidRequestError
 from ..settings import Settings
-from ..types import RerankJob, RerankOutcome
-from .answer import document_texts, new_id, result_count, returned_document, usage
+from ..types import RerankJob, RerankOutcome, RerankWork
+from .answer import (
+    answer_bytes,
+    document_texts,
+    json_bytes,
+    new_id,
+    ranked_bytes,
+    result_count,
+    returned_document,
+    usage,
+)
 from .long_documents import long_doc_policy
 from .schemas import (
     SPEC_EXAMPLE,
@@ -56,6 +64,32 @@ def to_job(body: RerankRequest, settings: Settings) -> RerankJob:
     )
 
 
+def to_work(body: RerankRequest, settings: Settings) -> RerankWork:
+    """The request's work: one job, its totals, and the size of its answer."""
+    return RerankWork(
+        documents=len(body.documents),
+        queries=1,
+        answer_bytes=answer_size(body),
+        build=lambda: [to_job(body, settings)],
+        answer_field="return_documents" if body.return_documents else "documents",
+        model=body.model,
+    )
+
+
+def answer_size(body: RerankRequest) -> int:
+    """The most bytes the answer can take: each result echoes its text (twice with
+    return_window) and, with return_documents, the document as sent."""
+    count = len(body.documents)
+    results = min(body.top_k if body.top_k is not None else result_count(body.top_n, count), count)
+    texts = 2 if body.return_window else 1
+    echoes = (
+        texts * ranked_bytes(doc, body.rank_fields)
+        + (json_bytes(returned_document(doc)) if body.return_documents else 0)
+        for doc in body.documents
+    )
+    return answer_bytes(echoes, results)
+
+
 def from_outcome(outcome: RerankOutcome, body: RerankRequest, model: str) -> RerankResponse:
     stages = bool(body.return_stages)
     return RerankResponse(
@@ -80,8 +114,8 @@ def from_outcome(outcome: RerankOutcome, body: RerankRequest, model: str) -> Rer
         ],
         backend=outcome.backend,
         fallback=outcome.fallback,
-        plan=None if outcome.plan_reason == ALWAYS.reason else outcome.plan,
-        plan_reason=None if outcome.plan_reason == ALWAYS.reason else outcome.plan_reason,
+        plan=outcome.plan if outcome.plan_chosen else None,
+        plan_reason=outcome.plan_reason if outcome.plan_chosen else None,
         stages=[
             StageInfo(
                 name=s.name,
@@ -126,26 +160,41 @@ class BatchRerankResponse(BaseModel):
     responses: list[RerankResponse] = Field(..., description="One per request, in order.")
 
 
-# Errors about the batch's jobs name them `jobs[i]`; the request calls them `requests[i]`.
-BATCH_FIELDS = {"jobs": "requests"}
+def batch_to_work(body: BatchRerankRequest, settings: Settings) -> RerankWork:
+    """The batch's work: one job per item, each on its own model (else the batch's); errors name
+    the item (`requests[2].top_k`, `requests[1].model`)."""
+    items = body.requests
+
+    def build() -> list[RerankJob]:
+        jobs = []
+        for i, item in enumerate(items):
+            try:  # an item's own model, else the batch's
+                job = to_job(item, settings)
+            except InvalidRequestError as exc:
+                raise exc.renamed(item_fields(i, item)) from exc
+            jobs.append(dataclasses.replace(job, model=item.model or body.model))
+        return jobs
+
+    return RerankWork(
+        documents=sum(len(item.documents) for item in items),
+        queries=len(items),
+        answer_bytes=sum(answer_size(item) for item in items),
+        build=build,
+        fields=lambda i: item_fields(i, items[i]),
+        documents_field="requests",
+        answer_field="requests",
+        model=body.model,
+        batch=True,
+    )
 
 
-def batch_to_jobs(body: BatchRerankRequest, settings: Settings) -> list[RerankJob]:
-    if len(body.requests) > settings.max_batch_requests:
-        raise InvalidRequestError(
-            f"requests has {len(body.requests)} items; the limit is "
-            f"{settings.max_batch_requests} (max_batch_requests)",
-            field="requests",
-        )
-    jobs = []
-    for i, item in enumerate(body.requests):
-        try:  # an item's own model, else the batch's
-            jobs.append(dataclasses.replace(to_job(item, settings), model=item.model or body.model))
-        except InvalidRequestError as exc:
-            raise exc.renamed(
-                {name: f"requests[{i}].{name}" for name in RerankRequest.model_fields}
-            ) from exc
-    return jobs
+def item_fields(position: int, item: RerankRequest) -> dict[str, str]:
+    """How errors name the fields of the batch's item at `position`; a job's `model` is the
+    item's own, else the batch's."""
+    names = {name: f"requests[{position}].{name}" for name in RerankRequest.model_fields}
+    if item.model is None:
+        names["model"] = "model"
+    return names
 
 
 def batch_from_outcomes(

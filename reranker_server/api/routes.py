@@ -1,5 +1,6 @@
-"""The rerank routes: each reads its dialect's body, turns it into jobs (`to_job`), answers them
-through the service (`answer.answer`) and shapes the outcome (`from_outcome`).
+"""The rerank routes: each reads its dialect's body, turns it into work (`to_work`: the request's
+totals and jobs, which the service admits as a whole before any job runs), answers it through the
+service (`answer.answer`) and shapes the outcome (`from_outcome`).
 
 | route                          | dialect module                      |
 |--------------------------------|-------------------------------------|
@@ -72,13 +73,12 @@ async def rerank(
 
     A body with `texts` is read as TEI's and answered with TEI's bare list of every text.
     """
-    service.check_model(body.model)
     if isinstance(body, tei.TeiRerankRequest):
-        job = tei.to_job(body, service.settings)
-        (outcome,) = await answer(request, service, tei.NAME, [job], tei.FIELDS)
+        work = tei.to_work(body, service.settings)
+        (outcome,) = await answer(request, service, tei.NAME, work)
         return tei.from_outcome(outcome, body, service.served_model(outcome))
-    job = native.to_job(body, service.settings)
-    (outcome,) = await answer(request, service, native.NAME, [job])
+    work = native.to_work(body, service.settings)
+    (outcome,) = await answer(request, service, native.NAME, work)
     return native.from_outcome(outcome, body, service.served_model(outcome))
 
 
@@ -89,11 +89,8 @@ async def rerank_batch(
     body: native.BatchRerankRequest, request: Request, service: ServiceDep
 ) -> native.BatchRerankResponse:
     """Rerank several queries' documents in one call; the answers come back in request order."""
-    service.check_model(body.model)
-    for item in body.requests:
-        service.check_model(item.model)
-    jobs = native.batch_to_jobs(body, service.settings)
-    outcomes = await answer(request, service, native.BATCH_NAME, jobs, native.BATCH_FIELDS)
+    work = native.batch_to_work(body, service.settings)
+    outcomes = await answer(request, service, native.BATCH_NAME, work)
     models = [service.served_model(outcome) for outcome in outcomes]
     return native.batch_from_outcomes(outcomes, body, models)
 
@@ -104,9 +101,8 @@ async def _cohere(
     request: Request,
     service: ServiceDep,
 ) -> cohere.CohereRerankResponse:
-    service.check_model(body.model)
-    job = cohere.to_job(body, service.settings)
-    (outcome,) = await answer(request, service, cohere.NAME, [job])
+    work = cohere.to_work(body, service.settings)
+    (outcome,) = await answer(request, service, cohere.NAME, work)
     return cohere.from_outcome(outcome, body, service.served_model(outcome), version)
 
 
@@ -136,9 +132,7 @@ async def score(
     body: vllm.ScoreRequest, request: Request, service: ServiceDep
 ) -> vllm.ScoreResponse:
     """vLLM's score API: each `text_2` scored against `text_1`, in `text_2`'s order."""
-    service.check_model(body.model)
-    jobs = vllm.to_jobs(body)
-    outcomes = await answer(request, service, vllm.NAME, jobs, {"documents": "text_2"})
+    outcomes = await answer(request, service, vllm.NAME, vllm.to_work(body))
     model = service.served_model(outcomes[0]) if outcomes else service.final_model(body.model)
     return vllm.from_outcomes(outcomes, model)
 

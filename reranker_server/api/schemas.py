@@ -19,6 +19,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from ..types import unencodable
 from .long_documents import (
     LongDocuments,
     MaxChunksPerDoc,
@@ -37,28 +38,23 @@ BODY_SHAPE_TAGS = frozenset({NATIVE_SHAPE, TEI_SHAPE})
 MAX_DOCUMENT_DEPTH = 64
 
 
-def unencodable(text: str) -> str | None:
-    """None for text that is valid Unicode; else where it is not (a lone UTF-16 surrogate, which
-    JSON's \\uXXXX escapes can carry, but neither UTF-8 nor a tokenizer can)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return f"a lone UTF-16 surrogate (\\u{ord(text[exc.start]):04x}) at character {exc.start}"
-    return None
-
-
-def _unicode_error(problem: str, where: str = "") -> PydanticCustomError:
+def unicode_error(problem: str, where: str = "", index: int | None = None) -> PydanticCustomError:
+    """The validation error for text that is not valid Unicode; `index`: the list item it is in
+    (api/errors.py adds it to the field: `text_2[1]`)."""
+    context: dict[str, Any] = {"problem": problem, "where": f" in {where}" if where else ""}
+    if index is not None:
+        context["index"] = index
     return PydanticCustomError(
-        "string_unicode",
+        "string_unicode" if index is None else "list_item_unicode",
         "Input should be valid Unicode text; it has {problem}{where} (replace or remove it)",
-        {"problem": problem, "where": f" in {where}" if where else ""},
+        context,
     )
 
 
-def _unicode_text(value: str) -> str:
+def unicode_text(value: str) -> str:
     problem = unencodable(value)
     if problem is not None:
-        raise _unicode_error(problem)
+        raise unicode_error(problem)
     return value
 
 
@@ -76,7 +72,7 @@ def _check_object(document: dict[str, Any]) -> None:
             for key in container:
                 if (problem := unencodable(key)) is not None:
                     where = ".".join(filter(None, (_path(levels, container), ascii(key))))
-                    raise _unicode_error(problem, f"the key {where}")
+                    raise unicode_error(problem, f"the key {where}")
             levels.append((container, iter(container.values())))
         else:
             levels.append((container, iter(container)))
@@ -87,7 +83,7 @@ def _check_object(document: dict[str, Any]) -> None:
             kind = type(item)
             if kind is str:
                 if (problem := unencodable(item)) is not None:
-                    raise _unicode_error(problem, _path(levels, item))
+                    raise unicode_error(problem, _path(levels, item))
             elif kind is dict or kind is list:
                 if len(levels) >= MAX_DOCUMENT_DEPTH:
                     raise PydanticCustomError(
@@ -120,7 +116,7 @@ def _path(levels: Sequence[tuple[Any, Any]], item: object) -> str:
 
 def _document(value: Any) -> str | dict[str, Any]:
     if isinstance(value, str):
-        return _unicode_text(value)
+        return unicode_text(value)
     if isinstance(value, dict):
         _check_object(value)
         return value
@@ -130,7 +126,7 @@ def _document(value: Any) -> str | dict[str, Any]:
 
 
 # Text read from a request: refuses lone surrogates with a 422 naming the field.
-UnicodeStr = Annotated[str, AfterValidator(_unicode_text)]
+UnicodeStr = Annotated[str, AfterValidator(unicode_text)]
 
 
 # A passage: a string, or an object whose `text` (or `rank_fields`) is ranked.
@@ -176,7 +172,7 @@ def fail_fast(*allowed: type, what: str) -> BeforeValidator:
 # A list of passages, checked item by item before pydantic's per-item validation.
 Documents = Annotated[list[Document], fail_fast(str, dict, what="a string or an object")]
 Texts = Annotated[
-    list[Annotated[StrictStr, AfterValidator(_unicode_text)]], fail_fast(str, what="a string")
+    list[Annotated[StrictStr, AfterValidator(unicode_text)]], fail_fast(str, what="a string")
 ]
 
 # Counts and flags as sloppy clients send them: null = default, "3" = 3, "true" = true.

@@ -12,8 +12,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from ..settings import Settings
-from ..types import LongDocMode, RerankJob, RerankOutcome
-from .answer import logit, result_count
+from ..types import LongDocMode, RerankJob, RerankOutcome, RerankWork
+from .answer import answer_bytes, json_bytes, logit, result_count
 from .long_documents import TruncationDirection, long_doc_policy
 from .schemas import ModelName, Texts, TopN
 
@@ -21,6 +21,11 @@ NAME = "tei"
 
 # TEI calls the documents `texts`.
 FIELDS = {"documents": "texts"}
+
+
+def _fields(_position: int) -> dict[str, str]:
+    return FIELDS
+
 
 TEI_EXAMPLE: dict[str, Any] = {
     "query": "What is the capital of France?",
@@ -66,6 +71,22 @@ def to_job(body: TeiRerankRequest, settings: Settings) -> RerankJob:
         body.texts,
         result_count(body.top_n, len(body.texts)),
         policy=policy,
+        model=body.model,
+    )
+
+
+def to_work(body: TeiRerankRequest, settings: Settings) -> RerankWork:
+    """The request's work: one job; its answer echoes the texts with return_text."""
+    count = len(body.texts)
+    echoes = (json_bytes(text) for text in body.texts) if body.return_text else ()
+    return RerankWork(
+        documents=count,
+        queries=1,
+        answer_bytes=answer_bytes(echoes, result_count(body.top_n, count)),
+        build=lambda: [to_job(body, settings)],
+        fields=_fields,
+        documents_field="texts",
+        answer_field="return_text",
         model=body.model,
     )
 

@@ -2,8 +2,9 @@
 
 - `X-Request-ID`: a sane incoming value is kept, else one is generated; either way it is echoed,
   on every answer (an unexpected error's 500 is answered here, its traceback logged once).
-- `X-Process-Time` (seconds to the response head) and `Server-Timing` (queue wait and each stage,
-  in ms) on every response.
+- `X-Process-Time` (seconds to the response head) on every response; `Server-Timing` (queue wait
+  and each stage, in ms) on every answer that ran jobs: one entry per stage name, summed over the
+  request's jobs, so its size does not grow with the request's.
 - Cache opt-out per request: `Cache-Control: no-cache` / `no-store` or `X-Reranker-Cache: off`.
 - One log record per request on the `reranker_server.access` logger (health and metrics routes at
   DEBUG, the rest at INFO) with the route, status, documents, tokens, top_k, cascade, backend,
@@ -13,8 +14,9 @@
 After a request with a body of 1 MiB or more, malloc's free memory is returned to the system
 (memory.py), so that one big request does not leave the RSS up.
 
-It works for every dialect without their help: the route's outcome arrives through the request's
-`RequestTrace` (engine/trace.py).
+Every dialect answers through one path (api/answer.py), which hands the middleware its jobs and
+their outcomes as data (`Answered`, in the ASGI scope); each outcome carries its own stage
+timings, queue wait and plan, and everything here is built from them.
 """
 
 from __future__ import annotations
@@ -23,16 +25,17 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.routing import BaseRoute, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..engine.trace import RequestTrace, current_trace
 from ..errors import RerankerError
 from ..memory import MemoryTrimmer
 from ..metrics import Metrics
+from ..types import RerankJob, RerankOutcome
 from .errors import error_response
 
 access_logger = logging.getLogger("reranker_server.access")
@@ -41,6 +44,31 @@ error_logger = logging.getLogger("reranker_server.api.errors")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 _QUIET_DIALECTS = ("health", "metrics")
 _CACHE_OFF = ("off", "false", "0", "no", "bypass")
+ANSWER_KEY = "reranker.answer"  # the ASGI scope's key for `Answered`
+
+
+@dataclass(frozen=True)
+class Answered:
+    """What the answer path hands the middleware: the dialect that served the request, its jobs
+    and their outcomes (none when it failed)."""
+
+    dialect: str
+    jobs: tuple[RerankJob, ...] = ()
+    outcomes: tuple[RerankOutcome, ...] = ()
+
+
+def record_answer(scope: MutableMapping[str, Any], answered: Answered) -> None:
+    scope[ANSWER_KEY] = answered
+
+
+def stage_seconds(outcomes: Sequence[RerankOutcome]) -> dict[str, float]:
+    """Seconds per stage name ("stage1", "stage2"), summed over the outcomes, in the order the
+    stages first ran."""
+    totals: dict[str, float] = {}
+    for outcome in outcomes:
+        for stage in outcome.stages:
+            totals[stage.stage] = totals.get(stage.stage, 0.0) + stage.seconds
+    return totals
 
 
 def _headers(scope: Scope) -> dict[str, str]:
@@ -60,14 +88,14 @@ def request_id(headers: dict[str, str]) -> str:
     return incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
 
 
-def server_timing(trace: RequestTrace) -> str:
-    """`Server-Timing` value: queue wait and each stage, in milliseconds."""
-    parts = []
-    if trace.queue_wait_s is not None:
-        parts.append(f"queue;dur={trace.queue_wait_s * 1000:.2f}")
-    for outcome in trace.outcomes:
-        for stage in outcome.stages:
-            parts.append(f"{stage.stage};dur={stage.seconds * 1000:.2f}")
+def server_timing(outcomes: Sequence[RerankOutcome]) -> str:
+    """`Server-Timing` value: queue wait and each stage, in milliseconds, summed over the
+    outcomes (a batch's jobs, a score request's pairs): one entry per name, whatever the size."""
+    if not outcomes:
+        return ""
+    queue = sum(o.queue_wait_s for o in outcomes)
+    parts = [f"queue;dur={queue * 1000:.2f}"]
+    parts += [f"{name};dur={s * 1000:.2f}" for name, s in stage_seconds(outcomes).items()]
     return ", ".join(parts)
 
 
@@ -115,8 +143,6 @@ class RequestTelemetry:
         started = time.perf_counter()
         headers = _headers(scope)
         rid = request_id(headers)
-        trace = RequestTrace(use_cache=cache_wanted(headers))
-        token = current_trace.set(trace)
         status = 500
         answered = client_gone = False
         received = 0
@@ -136,7 +162,7 @@ class RequestTelemetry:
                     (b"x-request-id", rid.encode("latin-1")),
                     (b"x-process-time", f"{time.perf_counter() - started:.6f}".encode()),
                 ]
-                timing = server_timing(trace)
+                timing = server_timing(_answered(scope).outcomes)
                 if timing:
                     extra.append((b"server-timing", timing.encode("latin-1")))
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
@@ -155,14 +181,14 @@ class RequestTelemetry:
                 await response(scope, receive, send_with_headers)
             # else the answer was cut short: uvicorn closes the connection
         finally:
-            current_trace.reset(token)
             if client_gone and not answered:  # left before any answer (mid-body, say)
                 status = 499
             seconds = time.perf_counter() - started
             route, dialect = self._route(scope)
-            dialect = trace.dialect or dialect
-            self.metrics.observe_request(route, dialect, status, seconds, trace)
-            self._log(scope, rid, route, dialect, status, seconds, trace)
+            record = _answered(scope)
+            dialect = record.dialect or dialect
+            self.metrics.observe_request(route, dialect, status, seconds, record.outcomes)
+            self._log(scope, rid, route, dialect, status, seconds, record)
             self.trimmer.after_request(received)  # a big body: give the memory back
 
     def _route(self, scope: Scope) -> tuple[str, str]:
@@ -187,7 +213,7 @@ class RequestTelemetry:
         dialect: str,
         status: int,
         seconds: float,
-        trace: RequestTrace,
+        record: Answered,
     ) -> None:
         level = logging.DEBUG if dialect in _QUIET_DIALECTS else logging.INFO
         if not access_logger.isEnabledFor(level):
@@ -202,27 +228,26 @@ class RequestTelemetry:
             "duration_ms": round(seconds * 1000, 3),
             "client": client[0] if client else None,
         }
-        if trace.queue_wait_s is not None:
-            fields["queue_wait_ms"] = round(trace.queue_wait_s * 1000, 3)
-        if trace.outcomes:
-            outcomes = trace.outcomes
+        outcomes, jobs = record.outcomes, record.jobs
+        if outcomes:
             fields.update(
+                queue_wait_ms=round(sum(o.queue_wait_s for o in outcomes) * 1000, 3),
                 documents=sum(o.documents for o in outcomes),
                 tokens=sum(o.tokens for o in outcomes),
-                top_k=trace.top_k,
+                top_k=jobs[0].top_k if jobs else None,
                 cascade=outcomes[-1].cascade or None,
                 backend=outcomes[-1].backend,
                 fallback=outcomes[-1].fallback,
                 plan=outcomes[-1].plan,
                 plan_reason=outcomes[-1].plan_reason,
-                stages_ms={s.stage: round(s.seconds * 1000, 3) for o in outcomes for s in o.stages},
-                cache="on" if trace.use_cache else "off",
+                stages_ms={k: round(v * 1000, 3) for k, v in stage_seconds(outcomes).items()},
+                cache="on" if not jobs or jobs[0].use_cache else "off",
                 cache_hits=sum(o.cache_hits for o in outcomes),
                 cache_misses=sum(o.cache_misses for o in outcomes),
             )
-            if self.log_payloads:
-                fields["query"] = trace.query
-                fields["document_texts"] = list(trace.documents)
+            if self.log_payloads and jobs:
+                fields["query"] = jobs[0].query
+                fields["document_texts"] = list(jobs[0].texts)
         access_logger.log(
             level,
             "%s %s %d %.1f ms",
@@ -232,3 +257,11 @@ class RequestTelemetry:
             seconds * 1000,
             extra={"fields": fields},
         )
+
+
+def _answered(scope: Scope) -> Answered:
+    found = scope.get(ANSWER_KEY)
+    return found if isinstance(found, Answered) else _NOTHING
+
+
+_NOTHING = Answered("")

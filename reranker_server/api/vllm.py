@@ -14,12 +14,13 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
+from pydantic_core import PydanticCustomError
 
 from ..errors import InvalidRequestError
-from ..types import RerankJob, RerankOutcome
-from .answer import new_id
-from .schemas import ModelName, fail_fast
+from ..types import RerankJob, RerankOutcome, RerankWork, unencodable
+from .answer import answer_bytes, new_id
+from .schemas import ModelName, unicode_error, unicode_text
 
 NAME = "vllm"
 
@@ -29,8 +30,28 @@ SCORE_EXAMPLE: dict[str, Any] = {
     "text_2": ["Paris is the capital of France.", "Berlin is the capital of Germany."],
 }
 
-Texts1 = Annotated[
-    StrictStr | Annotated[list[StrictStr], fail_fast(str, what="a string")], Field(...)
+
+def _one_or_more_texts(value: Any) -> str | list[str]:
+    """A string, or a list of strings; an error names the item (`text_2[1]`), never the
+    union's branches (`text_2.str`)."""
+    if isinstance(value, str):
+        return unicode_text(value)
+    if not isinstance(value, list):
+        raise PydanticCustomError("text_or_list", "Input should be a string or a list of strings")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise PydanticCustomError(
+                "list_item_type", "Input should be {what}", {"index": i, "what": "a string"}
+            )
+        if (problem := unencodable(item)) is not None:
+            raise unicode_error(problem, index=i)
+    return value
+
+
+OneOrMoreTexts = Annotated[
+    str | list[str],
+    PlainValidator(_one_or_more_texts),
+    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}),
 ]
 
 
@@ -38,8 +59,8 @@ class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [SCORE_EXAMPLE]})
 
     model: ModelName
-    text_1: Texts1 = Field(..., description="The query, or one query per text_2 item.")
-    text_2: Texts1 = Field(..., description="The texts to score against text_1.")
+    text_1: OneOrMoreTexts = Field(..., description="The query, or one query per text_2 item.")
+    text_2: OneOrMoreTexts = Field(..., description="The texts to score against text_1.")
 
 
 class ScoreData(BaseModel):
@@ -62,22 +83,54 @@ class ScoreResponse(BaseModel):
     usage: ScoreUsage
 
 
-def to_jobs(body: ScoreRequest) -> list[RerankJob]:
-    """One job per distinct query, each scoring all of its texts (no top-k cut)."""
+def to_work(body: ScoreRequest) -> RerankWork:
+    """One query against every text (one job, no top-k cut), or pairs (one job per pair). The
+    totals count the texts (the pairs): `max_documents` applies to both forms."""
+    one_query = isinstance(body.text_1, str)
     queries = [body.text_1] if isinstance(body.text_1, str) else body.text_1
     texts = [body.text_2] if isinstance(body.text_2, str) else body.text_2
+    count = len(texts)
+    scores = answer_bytes((), count)  # no text comes back: a score per text
     if len(queries) == 1:
-        return [RerankJob(queries[0], texts, len(texts), model=body.model)]
-    if len(queries) != len(texts):
+        query, text_fields = queries[0], ("text_2" if isinstance(body.text_2, str) else None)
+        names = {"query": "text_1" if one_query else "text_1[0]", "documents": "text_2"}
+        if text_fields is not None:  # a single text_2 string: the job's documents[0]
+            names["documents[0]"] = text_fields
+        return RerankWork(
+            documents=count,
+            queries=1,
+            answer_bytes=scores,
+            build=lambda: [RerankJob(query, texts, count, model=body.model)],
+            fields=lambda _position: names,
+            documents_field="text_2",
+            answer_field="text_2",
+            model=body.model,
+        )
+    if len(queries) != count:
         raise InvalidRequestError(
-            f"text_1 has {len(queries)} items and text_2 {len(texts)}; send one text_1, or "
+            f"text_1 has {len(queries)} items and text_2 {count}; send one text_1, or "
             "one per text_2",
             field="text_1",
         )
-    return [
-        RerankJob(query, [text], 1, model=body.model)
-        for query, text in zip(queries, texts, strict=True)
-    ]
+    return RerankWork(
+        documents=count,
+        queries=count,
+        answer_bytes=scores,
+        build=lambda: [
+            RerankJob(query, [text], 1, model=body.model)
+            for query, text in zip(queries, texts, strict=True)
+        ],
+        fields=_pair_fields,
+        documents_field="text_2",
+        answer_field="text_2",
+        model=body.model,
+    )
+
+
+def _pair_fields(position: int) -> dict[str, str]:
+    """Pair `position` is the job of `text_1[position]` with the one text `text_2[position]`."""
+    text = f"text_2[{position}]"
+    return {"query": f"text_1[{position}]", "documents[0]": text, "documents": text}
 
 
 def from_outcomes(outcomes: list[RerankOutcome], model: str) -> ScoreResponse:

@@ -82,7 +82,7 @@ class Cascades:
         found: dict[str, Scheduler] = {}
         seen: set[int] = set()
         for cascade in self:
-            for name, scheduler in cascade.engine.status().schedulers.items():
+            for name, scheduler in cascade.engine.schedulers().items():
                 if id(scheduler) in seen:
                     continue
                 seen.add(id(scheduler))

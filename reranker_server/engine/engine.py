@@ -19,18 +19,20 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ..devices import GpuGate
 from ..errors import InferenceError, InvalidRequestError, RerankerError, raise_if_cancelled
-from ..runners.base import Runner, score
+from ..runners.base import Runner, runner_stats, score
 from ..types import (
     Backend,
+    CacheStatus,
+    EngineStatus,
     FallbackReason,
     LongDocPolicy,
     RerankJob,
     RerankOutcome,
+    RunnerStatus,
     ScoredDocument,
     StageReport,
     job_part_names,
@@ -50,7 +52,8 @@ from .plan import (
     failed,
     word_tokens,
 )
-from .scheduler import Lane, Scheduler
+from .scheduler import Lane, Scheduler, Scored
+from .stage1_stream import Stage1Stream
 from .windows import Windower, WindowPlan
 
 logger = logging.getLogger(__name__)
@@ -64,31 +67,15 @@ def _rank(scores: Sequence[float]) -> list[int]:
     return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
 
 
+def _runner_status(runner: Runner) -> RunnerStatus:
+    stats = tuple(runner_stats(runner).items())
+    return RunnerStatus(runner.name, runner.device, runner.precision, stats)
+
+
 def _checked(scores: list[float], expected: int, runner: Runner) -> list[float]:
     if len(scores) != expected or not all(math.isfinite(s) for s in scores):
         raise InferenceError(f"the {runner.name} model returned invalid scores")
     return scores
-
-
-@dataclass(frozen=True)
-class EngineStatus:
-    """What the engine serves and how busy it is (read by /health and /metrics)."""
-
-    stage1: Runner
-    stage2_gpu: Runner | None
-    stage2_cpu: Runner | None
-    gate: GpuGate
-    cache: ScoreCache | None
-    candidates: int
-    schedulers: dict[str, Scheduler] = field(default_factory=dict)  # "cpu", "gpu"
-
-    @property
-    def stage2(self) -> Runner | None:
-        return self.stage2_gpu or self.stage2_cpu
-
-    def model_names(self) -> set[str]:
-        runners = (self.stage1, self.stage2_gpu, self.stage2_cpu)
-        return {runner.name for runner in runners if runner is not None}
 
 
 class Engine:
@@ -157,38 +144,61 @@ class Engine:
         return self._lanes[role]
 
     def _score(
-        self, runner: Runner, role: str, query: str, texts: Sequence[str], job: RerankJob | None
-    ) -> tuple[list[float], int]:
+        self,
+        runner: Runner,
+        role: str,
+        query: str,
+        texts: Sequence[str],
+        job: RerankJob | None,
+        items: Sequence[Any] | None = None,
+    ) -> Scored:
         """Scores of `texts` from `runner` (through the scheduler when there is one, in the
-        job's place in line) and the tokens the model read."""
+        job's place in line), the tokens the model read and how long they waited. `items`: the
+        pairs as the runner prepared them already (the window plan's, for stage 1); None:
+        tokenized here."""
         raise_if_cancelled(job.cancel if job else None)
         pairs = [(query, t) for t in texts]
         scheduler = self.gpu_scheduler if role == "stage2_gpu" else self.scheduler
         if scheduler is None:  # the runner's own count of the tokens, as the scheduler's
             tokens = sum(runner.length(item) for item in runner.prepare(pairs))
-            return score(runner, query, list(texts)), tokens
+            return Scored(score(runner, query, list(texts)), tokens, 0.0)
         return scheduler.score(
             self._lane(role, runner),
             pairs,
             order=job.order if job else None,
             deadline=job.deadline if job else None,
             cancel=job.cancel if job else None,
+            items=items,
         )
 
+    def schedulers(self) -> dict[str, Scheduler]:
+        """The schedulers it uses: "cpu", and "gpu" when stage 2 on the GPU has its own."""
+        found = {"cpu": self.scheduler, "gpu": self.gpu_scheduler}
+        return {
+            name: s
+            for name, s in found.items()
+            if s is not None and (name == "cpu" or s is not self.scheduler)
+        }
+
     def status(self) -> EngineStatus:
-        schedulers = {"cpu": self.scheduler, "gpu": self.gpu_scheduler}
+        """What it serves and how busy it is, as data (reads counters only)."""
+        cache = None
+        if self.cache is not None:
+            stats = self.cache.stats()
+            cache = CacheStatus(
+                self.cache.kind,
+                bool(stats["available"]),
+                int(stats["errors"]),
+                stats.get("entries"),
+                stats.get("bytes"),
+            )
         return EngineStatus(
-            stage1=self.stage1,
-            stage2_gpu=self.stage2_gpu,
-            stage2_cpu=self.stage2_cpu,
-            gate=self.gate,
-            cache=self.cache,
+            stage1=_runner_status(self.stage1),
+            stage2_gpu=_runner_status(self.stage2_gpu) if self.stage2_gpu else None,
+            stage2_cpu=_runner_status(self.stage2_cpu) if self.stage2_cpu else None,
+            cache=cache,
             candidates=self.candidates,
-            schedulers={
-                name: s
-                for name, s in schedulers.items()
-                if s is not None and (name == "cpu" or s is not self.scheduler)
-            },
+            schedulers=tuple(s.status(name) for name, s in self.schedulers().items()),
         )
 
     def close(self) -> None:
@@ -199,14 +209,29 @@ class Engine:
     def rerank(self, job: RerankJob) -> RerankOutcome:
         """The job's best `min(top_k, len(texts))` documents, best first."""
         documents = job.texts
-        plan = (
-            self.windows.plan(
-                job.query, documents, job.policy or self.long_documents, cancel=job.cancel
-            )
-            if self.windows is not None and documents
-            else WindowPlan.whole(job.query, documents)
+        policy = job.policy or self.long_documents
+        if self.windows is None or not documents:
+            return self._rerank(WindowPlan.whole(job.query, documents), job)
+        if self.scheduler is None or self.stage1_mode == "auto":  # the plan decides first
+            return self._rerank(self.windows.plan(job.query, documents, policy, job.cancel), job)
+        # Stage 1 starts on each group of windows as soon as it is tokenized.
+        use_cache = job.use_cache and self.cache is not None
+        stream = Stage1Stream(
+            self.scheduler.open(
+                self._lane(CPU_ROLE, self.stage1),
+                order=job.order,
+                deadline=job.deadline,
+                cancel=job.cancel,
+            ),
+            self.cache if use_cache else None,
+            self._namespaces["stage1"],
         )
-        return self._rerank(plan, job)
+        try:
+            plan = self.windows.plan(job.query, documents, policy, job.cancel, sink=stream)
+            return self._rerank(plan, job, stream)
+        except BaseException:
+            stream.drop()  # nobody waits for what was queued
+            raise
 
     def rerank_many(self, jobs: Sequence[RerankJob]) -> list[RerankOutcome]:
         """`rerank` for several jobs in one call, answered in order.
@@ -222,8 +247,11 @@ class Engine:
                 raise exc.renamed(job_part_names(position)) from exc
         return outcomes
 
-    def _rerank(self, plan: WindowPlan, job: RerankJob) -> RerankOutcome:
-        """The request's plan over `plan`'s windows; a document's score is its best window's."""
+    def _rerank(
+        self, plan: WindowPlan, job: RerankJob, stream: Stage1Stream | None = None
+    ) -> RerankOutcome:
+        """The request's plan over `plan`'s windows; a document's score is its best window's.
+        `stream`: stage 1 already under way (the cascade, in `always` mode)."""
         if not job.texts:
             return RerankOutcome(results=[], backend="cpu")
         use_cache = job.use_cache and self.cache is not None
@@ -234,7 +262,7 @@ class Engine:
             if outcome is not None:
                 return outcome
             choice = failed(choice, fault or "cuda_error")
-        return self._cascade(plan, job, choice, use_cache, fault)
+        return self._cascade(plan, job, choice, use_cache, fault, stream)
 
     def _choose(self, plan: WindowPlan) -> Plan:
         """`always`: the cascade. `auto`: skip stage 1 when the GPU is usable and estimated
@@ -287,6 +315,8 @@ class Engine:
             pair_tokens=sum(plan.pair_tokens or ()),
             plan=choice.name,
             plan_reason=choice.reason,
+            plan_chosen=self.stage1_mode == "auto",
+            queue_wait_s=sum(stage.queued_s for stage in stages),
         )
         return outcome, None
 
@@ -297,13 +327,22 @@ class Engine:
         choice: Plan,
         use_cache: bool,
         gpu_fault: FallbackReason | None = None,
+        stream: Stage1Stream | None = None,
     ) -> RerankOutcome:
         """Stage 1 over every window, stage 2 over the candidates' windows. `gpu_fault`: the
-        GPU already failed this request (stage 2 skips it)."""
+        GPU already failed this request (stage 2 skips it). `stream`: stage 1 under way."""
         documents, top_k = job.texts, job.top_k
         query = plan.query
         window_scores, report, tokens = self._run(
-            self.stage1, CPU_ROLE, query, plan.texts, use_cache, job, plan.pair_tokens
+            self.stage1,
+            CPU_ROLE,
+            query,
+            plan.texts,
+            use_cache,
+            job,
+            plan.pair_tokens,
+            plan.items,
+            stream,
         )
         stages = [report]
         first = plan.best(range(len(plan.texts)), window_scores)
@@ -354,6 +393,8 @@ class Engine:
             pair_tokens=sum(plan.pair_tokens or ()),
             plan=choice.name,
             plan_reason=choice.reason,
+            plan_chosen=self.stage1_mode == "auto",
+            queue_wait_s=sum(stage.queued_s for stage in stages),
         )
 
     def _stage2(
@@ -456,26 +497,45 @@ class Engine:
         use_cache: bool,
         job: RerankJob,
         pair_tokens: Sequence[int] | None = None,
+        items: Sequence[Any] | None = None,
+        stream: Stage1Stream | None = None,
     ) -> tuple[list[float], StageReport, int]:
         """Scores of `texts` (cached ones looked up, the rest from `runner`), the stage's report
         and the tokens the model processed (`pair_tokens`: each pair's tokens as stage 1's
-        tokenizer counted them; None: the runner's count). The model's time per token feeds
-        the plan's cost estimates (`costs`)."""
+        tokenizer counted them; None: the runner's count). `items`: the runner's items of the
+        pairs, made already (stage 1: the window plan's). `stream`: the lookups done and the
+        rest queued already, while the plan was tokenizing (the stage's time starts with its
+        first group). The model's time per token feeds the plan's cost estimates (`costs`)."""
         started = time.perf_counter()
         keys: list[str] = []
         found: list[float | None] = [None] * len(texts)
-        if use_cache and self.cache is not None:
+        if stream is not None:
+            started = stream.started if stream.started is not None else started
+            keys, found = stream.keys, list(stream.found)
+        elif use_cache and self.cache is not None:
             keys = pair_keys(self._namespaces[role], query, texts)
             found = self.cache.get_many(keys)
         missing = [i for i, score in enumerate(found) if score is None]
         tokens = 0
+        queued_s = 0.0
         if missing:
             todo = [texts[i] for i in missing]
             try:
-                called = time.perf_counter()
-                found_scores, counted = self._score(runner, role, query, todo, job)
+                called = started if stream is not None else time.perf_counter()
+                scored = (
+                    stream.wait()
+                    if stream is not None
+                    else self._score(
+                        runner,
+                        role,
+                        query,
+                        todo,
+                        job,
+                        [items[i] for i in missing] if items is not None else None,
+                    )
+                )
                 model_seconds = time.perf_counter() - called
-                fresh = _checked(found_scores, len(todo), runner)
+                fresh = _checked(scored.scores, len(todo), runner)
             except RerankerError:  # ours already (invalid scores, a timeout): as it is
                 raise
             except Exception as exc:
@@ -484,7 +544,8 @@ class Engine:
                 raise InferenceError(
                     f"the {runner.name} model failed: {type(exc).__name__}"
                 ) from exc
-            tokens = sum(pair_tokens[i] for i in missing) if pair_tokens else counted
+            tokens = sum(pair_tokens[i] for i in missing) if pair_tokens else scored.tokens
+            queued_s = scored.queued_s
             self.costs.observe(role, tokens, model_seconds)  # the plan's live timings
             if keys and self.cache is not None:
                 self.cache.set_many({keys[i]: s for i, s in zip(missing, fresh, strict=True)})
@@ -494,5 +555,7 @@ class Engine:
         cached = len(texts) - len(missing) if keys else None
         stage = "stage1" if role == CPU_ROLE else "stage2"
         seconds = time.perf_counter() - started
-        report = StageReport(runner.name, runner.device, len(texts), seconds, stage, cached)
+        report = StageReport(
+            runner.name, runner.device, len(texts), seconds, stage, cached, queued_s
+        )
         return scores, report, tokens

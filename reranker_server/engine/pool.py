@@ -7,15 +7,11 @@ deadline (`deadline_for`), which its `RerankJob` carries: the engine's `Schedule
 calls of all admitted requests in line order on its `workers` compute threads, so this pool never
 oversubscribes the cores. A request that waits plus runs past its deadline gets
 `RequestTimeoutError` (HTTP 503 + Retry-After) and its queued pairs are dropped.
-
-The caller's context variables travel into the thread (only the request's `RequestTrace`, for
-tracing); the time it waited for a thread, and for the scheduler, is recorded in that trace.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from ..errors import OverloadedError, RequestTimeoutError
-from .trace import current_trace
 
 T = TypeVar("T")
 
@@ -72,15 +67,10 @@ class InferencePool:
                     retry_after_s=self._retry_after(),
                 )
             self._pending += 1
-        submitted = time.perf_counter()
-        context = contextvars.copy_context()
         if deadline is None:
             deadline = self.deadline_for()
 
         def job() -> T:
-            trace = current_trace.get()
-            if trace is not None:
-                trace.queue_wait_s = time.perf_counter() - submitted
             with self._lock:
                 self._running += 1
             try:
@@ -89,7 +79,7 @@ class InferencePool:
                 with self._lock:
                     self._running -= 1
 
-        future = self._executor.submit(context.run, job)
+        future = self._executor.submit(job)
         future.add_done_callback(self._release)
         try:
             wait_s = max(0.0, deadline - time.monotonic())

@@ -26,12 +26,11 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import RequestCancelledError, RequestTimeoutError, raise_if_cancelled
 from ..runners.base import Pair, PairwiseRunner, Runner, runner_stats, score_pairs
-from ..types import Cancellation, next_arrival
-from .trace import current_trace
+from ..types import Cancellation, SchedulerStatus, next_arrival
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +93,14 @@ class Lane:
         return cls(name, runner, runner.max_pairs, runner.batch_tokens)
 
 
+class Scored(NamedTuple):
+    """What `Scheduler.score` and `Submission.wait` return."""
+
+    scores: list[float]
+    tokens: int  # the pairs' tokens (`Runner.length`)
+    queued_s: float  # from queuing to the first of its batches starting
+
+
 @dataclass
 class _Ticket:
     """One request's pairs in one lane."""
@@ -104,7 +111,67 @@ class _Ticket:
     started: float | None = None
     error: BaseException | None = None
     cancelled: bool = False
+    sealed: bool = False  # every pair is queued: done once none remains
     done: threading.Event = field(default_factory=threading.Event)
+
+
+class Submission:
+    """One request's pairs in one lane, queued as they come: the engine queues a group of
+    windows while the next group is tokenized (engine/windows.py). `wait` returns all their
+    scores in the order added; `drop` forgets them (the request failed or gave up)."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        lane: Lane,
+        order: int,
+        deadline: float | None,
+        cancel: Cancellation | None,
+    ) -> None:
+        self._scheduler = scheduler
+        self._lane = lane
+        self._order = order
+        self._deadline = deadline
+        self._cancel = cancel
+        self._ticket = _Ticket(scores=[], remaining=0, submitted=time.monotonic())
+        self.tokens = 0
+
+    def add(self, pairs: Sequence[Pair], items: Sequence[Any] | None = None) -> None:
+        """Queue `pairs`; `items`: the lane runner's items of them (None: prepared here,
+        `PREPARE_SLICE` at a time, stopping when the request is cancelled)."""
+        if items is None:
+            prepared: list[Any] = []
+            for start in range(0, len(pairs), PREPARE_SLICE):
+                if self._cancel is not None and self._cancel.cancelled:  # tokenize no further
+                    self.drop()
+                    with self._scheduler._cond:
+                        self._scheduler.dropped += len(pairs)
+                    raise_if_cancelled(self._cancel)
+                prepared += self._lane.runner.prepare(pairs[start : start + PREPARE_SLICE])
+            items = prepared
+        if len(items) != len(pairs):
+            raise ValueError(f"{len(items)} items for {len(pairs)} pairs")
+        if items:
+            if not self._ticket.scores:  # the first pairs queued: their wait starts now
+                self._ticket.submitted = time.monotonic()
+            self.tokens += self._scheduler._queue(self._lane, self._order, self._ticket, items)
+
+    def wait(self) -> Scored:
+        """Scores of every pair added, in order, their tokens and how long they waited for a
+        compute thread; blocks until all are scored (or raises: the deadline passed, the
+        request was cancelled, the model failed)."""
+        ticket = self._ticket
+        with self._scheduler._cond:
+            ticket.sealed = True
+            if ticket.remaining == 0:
+                ticket.done.set()
+        self._scheduler._wait(ticket, self._deadline, self._cancel)
+        started = ticket.started if ticket.started is not None else ticket.submitted
+        return Scored(ticket.scores, self.tokens, started - ticket.submitted)
+
+    def drop(self) -> None:
+        """Forget the pairs still queued (a batch already running discards its scores)."""
+        self._scheduler._drop(self._ticket)
 
 
 @dataclass(frozen=True, order=True)
@@ -148,6 +215,10 @@ class Scheduler:
         """Workers running a batch now."""
         return self._busy
 
+    def status(self, name: str) -> SchedulerStatus:
+        """Its queue, busy threads and dropped pairs as data, labelled `name`."""
+        return SchedulerStatus(name, self.queued, self.busy, self.dropped)
+
     def score(
         self,
         lane: Lane,
@@ -156,43 +227,53 @@ class Scheduler:
         order: int | None = None,
         deadline: float | None = None,
         cancel: Cancellation | None = None,
-    ) -> tuple[list[float], int]:
-        """Scores of `pairs` (in order) and their total tokens; blocks until all are scored.
+        items: Sequence[Any] | None = None,
+    ) -> Scored:
+        """Scores of `pairs` (in order), their total tokens and how long they waited for a
+        compute thread; blocks until all are scored.
 
         `order`: the request's place in line (None: now); `deadline` (`time.monotonic()`) and
-        `cancel`: when to give up, see the module docstring."""
+        `cancel`: when to give up, see the module docstring. `items`: the pairs already
+        prepared by the lane's runner (tokenize once); None: prepared here."""
         if not pairs:
-            return [], 0
-        if order is None:
-            order = next_arrival()
-        items: list[Any] = []
-        for start in range(0, len(pairs), PREPARE_SLICE):
-            if cancel is not None and cancel.cancelled:  # nobody waits: tokenize no further
-                with self._cond:
-                    self.dropped += len(pairs)
-                raise_if_cancelled(cancel)
-            items += lane.runner.prepare(pairs[start : start + PREPARE_SLICE])
+            return Scored([], 0, 0.0)
+        submission = self.open(lane, order=order, deadline=deadline, cancel=cancel)
+        submission.add(pairs, items)
+        return submission.wait()
+
+    def open(
+        self,
+        lane: Lane,
+        *,
+        order: int | None = None,
+        deadline: float | None = None,
+        cancel: Cancellation | None = None,
+    ) -> Submission:
+        """A request's pairs in `lane`, queued as they come (`Submission.add`), then waited for
+        (`Submission.wait`) or dropped (`Submission.drop`)."""
+        return Submission(self, lane, next_arrival() if order is None else order, deadline, cancel)
+
+    def _queue(self, lane: Lane, order: int, ticket: _Ticket, items: Sequence[Any]) -> int:
+        """Queue `items` (longest first) after the ticket's earlier ones; their tokens."""
         lengths = [lane.runner.length(item) for item in items]
-        ticket = _Ticket(
-            scores=[0.0] * len(items), remaining=len(items), submitted=time.monotonic()
-        )
         positions = sorted(range(len(items)), key=lambda i: (-lengths[i], i))
         with self._cond:
             if self._closed:
                 raise RuntimeError("scheduler is shut down")
+            base = len(ticket.scores)
+            ticket.scores += [0.0] * len(items)
+            ticket.remaining += len(items)
             queue = self._queues.setdefault(lane.name, [])
             for position in positions:
                 self._sequence += 1
                 key = (order, self._sequence)
-                entry = _Entry(key, lane, items[position], lengths[position], ticket, position)
+                entry = _Entry(
+                    key, lane, items[position], lengths[position], ticket, base + position
+                )
                 heapq.heappush(queue, entry)
             self.submitted += len(items)
             self._cond.notify_all()
-        self._wait(ticket, deadline, cancel)
-        trace = current_trace.get()
-        if trace is not None and ticket.started is not None:
-            trace.queue_wait_s = (trace.queue_wait_s or 0.0) + ticket.started - ticket.submitted
-        return ticket.scores, sum(lengths)
+        return sum(lengths)
 
     def _wait(self, ticket: _Ticket, deadline: float | None, cancel: Cancellation | None) -> None:
         while True:
@@ -272,7 +353,7 @@ class Scheduler:
                 ticket = entry.ticket
                 ticket.scores[entry.position] = float(score)
                 ticket.remaining -= 1
-                if ticket.remaining == 0:
+                if ticket.remaining == 0 and ticket.sealed:
                     ticket.done.set()
 
     def close(self) -> None:

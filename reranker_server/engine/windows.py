@@ -18,17 +18,23 @@ Memory: only text the windows can reach is tokenized. A policy decides from a do
 `needed_tokens` tokens (its last ones with keep="end"), so a long document is tokenized from a
 prefix of characters (`prefix_chars`), minus the word the cut may have split; when that gives too
 few whole-word tokens (dense text, long words), from a four times longer prefix, up to the whole
-document. Documents go through the tokenizer `GROUP` at a time. A request of 1,000 documents of
-16,000 one-token characters thus holds ~64 x 4,000 token offsets at once, not 16 million
-(bench/memory.py).
+document. Documents go through the tokenizer `GROUP` at a time (the first groups smaller:
+`FIRST_GROUP`, doubling). A request of 1,000 documents of 16,000 one-token characters thus holds
+~64 x 4,000 token offsets at once, not 16 million (bench/memory.py).
+
+Tokenize once: when the encoder can build stage 1's pairs from token ids (`PairTokenizer`, the
+FlashRank runner), the plan carries each window's pair, made from the ids it tokenized
+(`WindowPlan.items`), and the scheduler queues those instead of tokenizing the pairs again. A
+`sink` gets each group's windows as soon as they are planned, so the engine queues them while the
+next group is tokenized (the compute threads start at once).
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 from ..errors import InvalidRequestError, raise_if_cancelled
 from ..types import Cancellation, KeepSide, LongDocPolicy, TextTokens
@@ -36,6 +42,7 @@ from ..types import Cancellation, KeepSide, LongDocPolicy, TextTokens
 Span = tuple[int, int]
 
 GROUP = 64  # documents tokenized together (bounds the token arrays alive at once)
+FIRST_GROUP = 8  # the first group's documents: stage 1 starts after these (then 16, 32, 64, ...)
 CHARS_PER_TOKEN = 8  # first guess of the characters that hold a token (English: 4-7)
 
 
@@ -48,6 +55,21 @@ class TextEncoder(Protocol):
     def encode_texts(self, texts: Sequence[str]) -> list[TextTokens]: ...
 
 
+@runtime_checkable
+class PairTokenizer(Protocol):
+    """A stage-1 runner that builds its pair items from token ids (FlashRankRunner has it)."""
+
+    word_local_tokens: bool  # a text cut at word boundaries tokenizes as that slice of tokens
+
+    def prepare_tokens(
+        self,
+        query: str,
+        query_ids: list[int] | None,
+        texts: Sequence[str],
+        ids: Sequence[list[int] | None],
+    ) -> list[Any] | None: ...
+
+
 @dataclass(frozen=True)
 class WindowPlan:
     """What the stages score for one request: every window of every document, in order."""
@@ -58,6 +80,9 @@ class WindowPlan:
     spans: list[Span | None]  # characters of each window in its document; None: all of it
     windows_of: list[list[int]]  # per document, the positions of its windows
     pair_tokens: list[int] | None = None  # tokens of each (query, window) pair; None: not counted
+    # Stage 1's item of each (query, window) pair, from the plan's own tokens (tokenize once);
+    # None: the scheduler tokenizes the pairs.
+    items: list[Any] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def whole(cls, query: str, documents: Sequence[str]) -> WindowPlan:
@@ -80,6 +105,49 @@ class WindowPlan:
         return found
 
 
+# Gets each group's new windows as soon as they are planned: the query as scored, the windows'
+# texts and stage 1's items of them (None: the plan has no items).
+Sink = Callable[[str, Sequence[str], Sequence[Any] | None], None]
+
+
+class _PairItems:
+    """Stage 1's items of a plan's windows, built from the ids the plan tokenized, a group at a
+    time: a whole document's ids always (they are the tokenizer's own encoding of that text), a
+    window's and a cut query's when the tokenizer is word-local (else the runner tokenizes that
+    text alone). `items` is None when the encoder can't build pairs."""
+
+    def __init__(
+        self, encoder: TextEncoder, query: str, query_tokens: TextTokens, query_length: int
+    ) -> None:
+        self.builder = encoder if isinstance(encoder, PairTokenizer) else None
+        self.local = self.builder is not None and self.builder.word_local_tokens
+        self.query = query
+        ids = query_tokens.ids
+        self.query_ids = (
+            ids if ids is None or len(ids) == query_length else self.cut(ids, 0, query_length)
+        )
+        self.items: list[Any] | None = [] if self.builder is not None else None
+        self._ids: list[list[int] | None] = []  # of the windows since the last `made`
+
+    def cut(self, ids: list[int] | None, start: int, end: int) -> list[int] | None:
+        return ids[start:end] if ids is not None and self.local else None
+
+    def window(self, ids: list[int] | None) -> None:
+        self._ids.append(ids)
+
+    def made(self, texts: Sequence[str]) -> list[Any] | None:
+        """The items of the windows `texts` (those since the last call)."""
+        ids, self._ids = self._ids, []
+        if self.items is None or self.builder is None:
+            return None
+        made = self.builder.prepare_tokens(self.query, self.query_ids, texts, ids)
+        if made is None:
+            self.items = None
+            return None
+        self.items += made
+        return made
+
+
 class Windower:
     """Plans the windows of a request with the stage-1 tokenizer."""
 
@@ -97,9 +165,11 @@ class Windower:
         documents: Sequence[str],
         policy: LongDocPolicy,
         cancel: Cancellation | None = None,
+        sink: Sink | None = None,
     ) -> WindowPlan:
         """The windows of `documents` under `policy`; InvalidRequestError past `max_windows`,
-        RequestCancelledError once `cancel` is set."""
+        RequestCancelledError once `cancel` is set. `sink`: gets each group's windows as soon as
+        they are planned (see `Sink`)."""
         (query_tokens,) = self.encoder.encode_texts([query])  # the query, once per request
         query, query_length = self._capped_query(query, query_tokens)
         overhead = query_length + self.encoder.pair_special_tokens
@@ -109,64 +179,68 @@ class Windower:
         spans: list[Span | None] = []
         windows_of: list[list[int]] = []
         pair_tokens: list[int] = []
+        pairs = _PairItems(self.encoder, query, query_tokens, query_length)
         needed = needed_tokens(policy, budget)
-        tokenized = self._tokenized(documents, needed, policy.keep, cancel)
-        for index, (doc, tokens) in enumerate(tokenized):
-            ranges = token_windows(tokens.words, budget, self.overlap_tokens, policy)
-            mine = list(range(len(texts), len(texts) + max(1, len(ranges or ()))))
-            if len(texts) + len(mine) > policy.max_windows:
-                raise _too_many_windows(documents, index, budget, policy)
-            windows_of.append(mine)
-            if ranges is None:
-                texts.append(doc)
-                owners.append(index)
-                spans.append(None)
-                pair_tokens.append(overhead + len(tokens.words))
-                continue
-            for start, end in ranges:
-                chars = (tokens.spans[start][0], tokens.spans[end - 1][1])
-                texts.append(doc[chars[0] : chars[1]])
-                owners.append(index)
-                spans.append(chars)
-                pair_tokens.append(overhead + end - start)
-        return WindowPlan(query, texts, owners, spans, windows_of, pair_tokens)
+        for first, stop in group_bounds(len(documents)):
+            raise_if_cancelled(cancel)
+            done = len(texts)  # windows of the groups before
+            group = self._tokenized(documents[first:stop], needed, policy.keep, cancel)
+            for index, (doc, tokens) in enumerate(group, start=first):
+                ranges = token_windows(tokens.words, budget, self.overlap_tokens, policy)
+                mine = list(range(len(texts), len(texts) + max(1, len(ranges or ()))))
+                if len(texts) + len(mine) > policy.max_windows:
+                    raise _too_many_windows(documents, index, budget, policy)
+                windows_of.append(mine)
+                if ranges is None:
+                    texts.append(doc)
+                    owners.append(index)
+                    spans.append(None)
+                    pair_tokens.append(overhead + len(tokens.words))
+                    pairs.window(tokens.ids)
+                for start, end in ranges or ():
+                    chars = (tokens.spans[start][0], tokens.spans[end - 1][1])
+                    texts.append(doc[chars[0] : chars[1]])
+                    owners.append(index)
+                    spans.append(chars)
+                    pair_tokens.append(overhead + end - start)
+                    pairs.window(pairs.cut(tokens.ids, start, end))
+            new = texts[done:]  # the group's windows: they can be scored now
+            items = pairs.made(new)
+            if sink is not None:
+                sink(query, new, items)
+        return WindowPlan(query, texts, owners, spans, windows_of, pair_tokens, pairs.items)
 
     def _tokenized(
-        self, documents: Sequence[str], needed: int, keep: KeepSide, cancel: Cancellation | None
+        self, group: Sequence[str], needed: int, keep: KeepSide, cancel: Cancellation | None
     ) -> Iterator[tuple[str, TextTokens]]:
-        """Each document with the tokens `token_windows` needs, in order, GROUP at a time: all of
-        a short document's; of a long one, more than `needed` whole-word tokens from its start
-        (keep="end": its end), with character spans in the document. Stops between groups when
-        the request is cancelled."""
-        for first in range(0, len(documents), GROUP):
-            raise_if_cancelled(cancel)
-            group = documents[first : first + GROUP]
-            found: list[TextTokens | None] = [None] * len(group)
-            chars = prefix_chars(needed)
-            todo = list(range(len(group)))
-            while todo:
-                whole = [i for i in todo if len(group[i]) <= chars]
-                if whole:
-                    encoded = self.encoder.encode_texts([group[i] for i in whole])
-                    for i, all_tokens in zip(whole, encoded, strict=True):
-                        found[i] = all_tokens
-                parts = [i for i in todo if len(group[i]) > chars]
-                cut = [group[i][:chars] if keep == "start" else group[i][-chars:] for i in parts]
-                retry = []
-                for i, some in zip(
-                    parts, self.encoder.encode_texts(cut) if cut else [], strict=True
-                ):
-                    shift = 0 if keep == "start" else len(group[i]) - chars
-                    usable = _whole_words(some, keep, shift)
-                    if len(usable.words) > needed:
-                        found[i] = usable
-                    else:  # too few tokens in that many characters: a longer cut
-                        retry.append(i)
-                todo = retry
-                chars *= 4
-            for doc, tokens in zip(group, found, strict=True):
-                assert tokens is not None  # every document was tokenized whole, or enough of it
-                yield doc, tokens
+        """Each document of a group (`group_bounds`) with the tokens `token_windows` needs, in
+        order: all of a short document's; of a long one, more than `needed` whole-word tokens
+        from its start (keep="end": its end), with character spans in the document. (`cancel`
+        is looked at between groups, by `plan`.)"""
+        found: list[TextTokens | None] = [None] * len(group)
+        chars = prefix_chars(needed)
+        todo = list(range(len(group)))
+        while todo:
+            whole = [i for i in todo if len(group[i]) <= chars]
+            if whole:
+                encoded = self.encoder.encode_texts([group[i] for i in whole])
+                for i, all_tokens in zip(whole, encoded, strict=True):
+                    found[i] = all_tokens
+            parts = [i for i in todo if len(group[i]) > chars]
+            cut = [group[i][:chars] if keep == "start" else group[i][-chars:] for i in parts]
+            retry = []
+            for i, some in zip(parts, self.encoder.encode_texts(cut) if cut else [], strict=True):
+                shift = 0 if keep == "start" else len(group[i]) - chars
+                usable = _whole_words(some, keep, shift)
+                if len(usable.words) > needed:
+                    found[i] = usable
+                else:  # too few tokens in that many characters: a longer cut
+                    retry.append(i)
+            todo = retry
+            chars *= 4
+        for doc, tokens in zip(group, found, strict=True):
+            assert tokens is not None  # every document was tokenized whole, or enough of it
+            yield doc, tokens
 
     def _capped_query(self, query: str, tokens: TextTokens) -> tuple[str, int]:
         """The query, cut to `max_query_tokens` at a word boundary when longer; its length."""
@@ -176,6 +250,16 @@ class Windower:
         cuts = word_cuts(tokens.words)
         end = _floor(cuts, self.max_query_tokens, 0) or self.max_query_tokens
         return query[: tokens.spans[end - 1][1]], end
+
+
+def group_bounds(count: int) -> Iterator[tuple[int, int]]:
+    """[first, stop) of each group of `count` documents: FIRST_GROUP, then twice as many each
+    time up to GROUP (stage 1 starts on the first group while the next ones are tokenized)."""
+    first, size = 0, FIRST_GROUP
+    while first < count:
+        yield first, min(count, first + size)
+        first += size
+        size = min(GROUP, size * 2)
 
 
 def needed_tokens(policy: LongDocPolicy, budget: int) -> int:
@@ -214,6 +298,7 @@ def _whole_words(tokens: TextTokens, keep: KeepSide, shift: int) -> TextTokens:
     return TextTokens(
         [(a + shift, b + shift) for a, b in tokens.spans[kept.start : kept.stop]],
         list(words[kept.start : kept.stop]),
+        tokens.ids[kept.start : kept.stop] if tokens.ids is not None else None,
     )
 
 

@@ -21,6 +21,7 @@ from tokenizers import Encoding, Tokenizer
 
 from ..types import TextTokens
 from .onnx_inputs import padded_inputs
+from .pair_template import PairIds
 
 
 def quantizes_per_batch(onnx_file: Path) -> bool:
@@ -99,10 +100,10 @@ class OnnxPairRunner:
         return self.prepare([(query, doc) for doc in documents])
 
     @staticmethod
-    def length(encoding: Encoding) -> int:
+    def length(encoding: Encoding | PairIds) -> int:
         return len(encoding.ids)
 
-    def run(self, encodings: Sequence[Encoding]) -> list[float]:
+    def run(self, encodings: Sequence[Encoding | PairIds]) -> list[float]:
         """Scores of encodings the caller grouped into one allowed batch."""
         feed = padded_inputs(encodings, self._pad_id, self._input_names)
         logits = self._session.run(None, feed)[0]
@@ -120,9 +121,10 @@ class OnnxPairRunner:
         return np.asarray(shifted[:, 1] / shifted.sum(axis=1))
 
     def encode_texts(self, texts: Sequence[str]) -> list[TextTokens]:
-        """Each text alone, untruncated, without special tokens: token spans and words."""
+        """Each text alone, untruncated, without special tokens: token spans, words and ids (the
+        engine cuts long documents into windows with these, engine/windows.py)."""
         encodings = self._untruncated.encode_batch(list(texts), add_special_tokens=False)
-        return [TextTokens(e.offsets, e.word_ids) for e in encodings]
+        return [TextTokens(e.offsets, e.word_ids, e.ids) for e in encodings]
 
     def score(self, query: str, documents: Sequence[str]) -> list[float]:
         """Scores of one query's documents (base.score, for convenience)."""

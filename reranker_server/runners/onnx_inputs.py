@@ -8,9 +8,11 @@ from collections.abc import Collection, Sequence
 import numpy as np
 from tokenizers import Encoding
 
+from .pair_template import PairIds
+
 
 def padded_inputs(
-    encodings: Sequence[Encoding], pad_id: int, input_names: Collection[str]
+    encodings: Sequence[Encoding | PairIds], pad_id: int, input_names: Collection[str]
 ) -> dict[str, np.ndarray]:
     """`input_ids`, `attention_mask` and `token_type_ids` (those the model takes), padded on the
     right to the batch's longest pair."""
