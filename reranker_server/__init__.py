@@ -57,4 +57,20 @@ def _app_from_environment() -> Any:
     uvicorn_access = logging.getLogger("uvicorn.access")
     uvicorn_access.handlers = []
     uvicorn_access.propagate = False
+    if settings.log_format == "json":
+        # uvicorn's lines ("Started server process", errors) as JSON too, through our handler
+        uvicorn_logger = logging.getLogger("uvicorn")
+        uvicorn_logger.handlers = []
+        uvicorn_logger.propagate = True
+    logging.getLogger(__name__).warning(UNPROTECTED_WARNING)
     return create_app(settings)
+
+
+# What `reranker-server serve` (server.py) adds to uvicorn, said once at startup by the other way
+# to start the app (README: "Quick start"; docs/reliability.md).
+UNPROTECTED_WARNING = (
+    "started by the ASGI server directly, not by `reranker-server serve`: no drain on SIGTERM "
+    "(the port closes at once, readiness never answers 503); header, body and write timeouts, "
+    "the JSON 503 connection cap and `Upgrade: h2c` requests keeping their body only with "
+    "`--http reranker_server.server:HttpProtocol`. `reranker-server serve` has all of them."
+)

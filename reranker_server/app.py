@@ -14,6 +14,7 @@ from . import __version__
 from .api import health, playground, routes
 from .api import metrics as metrics_route
 from .api.docs_pages import install_docs
+from .api.drain_close import CloseWhileDraining
 from .api.errors import install_error_handlers
 from .api.guard import RequestGuard
 from .api.telemetry import RequestTelemetry
@@ -113,4 +114,5 @@ def create_app(
         routes=app.router.routes,
         log_payloads=settings.log_payloads,
     )
+    app.add_middleware(CloseWhileDraining, service=app.service)  # every answer while draining
     return app

@@ -7,6 +7,7 @@ a fake behind the same protocol to cause faults this machine can't (OOM, CUDA er
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -60,9 +61,15 @@ def cuda_runtime_available() -> bool:
     try:
         import torch
     except ImportError:
-        logger.info("torch is not installed: no GPU stage (GPU hosts: %s)", TORCH_EXTRA)
+        _say_torch_is_missing()
         return False
     return bool(torch.cuda.is_available())
+
+
+@functools.cache
+def _say_torch_is_missing() -> None:
+    """Once per process: startup asks `cuda_runtime_available` more than once."""
+    logger.info("torch is not installed: no GPU stage (GPU hosts: %s)", TORCH_EXTRA)
 
 
 class CudaAccelerator:

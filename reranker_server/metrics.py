@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -116,6 +116,10 @@ class Metrics:
             ["stage"],
             registry=r,
         )
+        # process_cpu_seconds_total, process_resident_memory_bytes, ... (Linux: /proc), which
+        # `reranker-server eval --url` reads; and the connections the server cut
+        ProcessCollector(registry=r)
+        r.register(ConnectionCollector())
 
     def observe_request(
         self,
@@ -284,3 +288,37 @@ def _scheduler_metrics(schedulers: Sequence[SchedulerStatus]) -> Iterable[Metric
     yield queued
     yield busy
     yield dropped
+
+
+class ConnectionTally:
+    """Connections the server cut on its own, by reason (server.HttpProtocol). Process-wide, as
+    the process metrics are: the protocol serves whatever app the process runs."""
+
+    REASONS = ("header_timeout", "body_timeout", "write_timeout")
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(self.REASONS, 0)
+
+    def add(self, reason: str) -> None:
+        self.counts[reason] += 1
+
+
+CLOSED_CONNECTIONS = ConnectionTally()
+
+
+class ConnectionCollector(Collector):
+    """`reranker_connections_closed_total{reason}` from `CLOSED_CONNECTIONS`, at scrape time."""
+
+    def describe(self) -> Iterable[Metric]:
+        return self.collect()
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(
+            "reranker_connections_closed",
+            "Connections the server cut: headers or body not sent in time, or an answer not "
+            "read in time (write_timeout).",
+            labels=["reason"],
+        )
+        for reason, count in CLOSED_CONNECTIONS.counts.items():
+            family.add_metric([reason], count)
+        yield family

@@ -10,6 +10,13 @@ uvicorn's HTTP/1.1 protocol with the connection limits a public server needs.
 - **body timeout**: its body within `body_timeout_s` after the headers.
 - **keep-alive timeout**: an idle kept-alive connection closes after `keep_alive_timeout_s`
   (uvicorn's own timer, set from the setting).
+- **write timeout**: once the send buffer is full (asyncio's `pause_writing`), the client must
+  take some of the answer every `write_timeout_s` (like nginx's `send_timeout`: between two
+  successful writes, not for the whole answer); else the connection is cut (`abort`: the unsent
+  bytes are dropped, not flushed, which `close` would wait for forever) and malloc's arenas
+  trimmed (memory.py), counted in `reranker_connections_closed_total{reason}` with the header
+  and body timeouts. Stock uvicorn keeps such a client, and its answer, as long as the socket
+  lives.
 - **connection cap**: beyond `max_connections` open connections a rerank request (a POST) is
   answered with a JSON 503 (`Retry-After`, `Connection: close`) instead of uvicorn's plain-text
   one; health and metrics stay answered (a liveness probe must not fail because of load).
@@ -30,15 +37,20 @@ once (a load balancer stops sending), requests in progress get `drain_timeout_s`
 rest are cut off with a JSON 503 and their queued pairs dropped. Only then does uvicorn's own
 shutdown run: close the port and the connections, and release the models in the lifespan.
 
-A second Ctrl-C during the drain stops at once (uvicorn's `force_exit`).
+A second SIGTERM or Ctrl-C during the drain is logged and cuts the drain short: the requests in
+progress are cancelled at once and answer their JSON 503, then the shutdown runs as usual (never
+uvicorn's `force_exit`, which cancels handlers mid-answer: plain-text 500s and an abort while
+inference threads still run). Further signals are logged and ignored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, ClassVar
 
 import h11
@@ -46,6 +58,8 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .api.guard import OVER_CONNECTION_CAP
+from .memory import MemoryTrimmer
+from .metrics import CLOSED_CONNECTIONS
 from .service import RerankService
 from .settings import Settings
 
@@ -57,6 +71,7 @@ class ConnectionLimits:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     keep_alive_timeout_s: float = 5.0
+    write_timeout_s: float = 60.0
     max_connections: int = 512  # 0: no cap
 
     @classmethod
@@ -65,8 +80,14 @@ class ConnectionLimits:
             header_timeout_s=settings.header_timeout_s,
             body_timeout_s=settings.body_timeout_s,
             keep_alive_timeout_s=settings.keep_alive_timeout_s,
+            write_timeout_s=settings.write_timeout_s,
             max_connections=settings.max_connections,
         )
+
+
+# Gives an aborted answer's pages back to the system (one per process, like malloc's arenas).
+TRIMMER = MemoryTrimmer(min_bytes=0)
+READ_TIMEOUT_REASONS = {"headers": "header_timeout", "body": "body_timeout"}
 
 
 class HttpProtocol(H11Protocol):
@@ -86,6 +107,8 @@ class HttpProtocol(H11Protocol):
         self.app = self._app_or_busy
         self._read_timer: asyncio.TimerHandle | None = None
         self._reading: str | None = None  # "headers", "body" or None: what the timer bounds
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._unsent = 0  # the send buffer's size when the write timer was armed
 
     # --- read timeouts
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -94,6 +117,7 @@ class HttpProtocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._arm(None)
+        self._stop_write_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -144,7 +168,50 @@ class HttpProtocol(H11Protocol):
             self._reading,
             extra={"fields": {"client": self.client[0] if self.client else None}},
         )
+        if self._reading is not None:
+            CLOSED_CONNECTIONS.add(READ_TIMEOUT_REASONS[self._reading])
         self.transport.close()
+
+    # --- write timeout: asyncio calls pause_writing when the send buffer passes its high-water
+    # mark and resume_writing once it has drained below the low one
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._arm_write_timer()
+
+    def _arm_write_timer(self) -> None:
+        self._unsent = self.transport.get_write_buffer_size()
+        self._write_timer = self.loop.call_later(
+            self._limits.write_timeout_s, self._write_timed_out
+        )
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._stop_write_timer()
+
+    def _stop_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_timed_out(self) -> None:
+        self._write_timer = None
+        unsent = self.transport.get_write_buffer_size()
+        if not unsent:
+            return
+        if unsent < self._unsent:  # the client took some: a slow reader, not a stalled one
+            self._arm_write_timer()
+            return
+        logger.warning(
+            "cut a connection that read nothing of its answer for %g s (%d bytes unsent)",
+            self._limits.write_timeout_s,
+            unsent,
+            extra={"fields": {"client": self.client[0] if self.client else None}},
+        )
+        CLOSED_CONNECTIONS.add("write_timeout")
+        # abort, not close: close flushes first, i.e. waits for the client that does not read
+        self.transport.abort()
+        TRIMMER.after_request(unsent)
 
     # --- upgrade: ignored, quietly (h11 reads the body; the request is served as HTTP/1.1)
     def _unsupported_upgrade_warning(self) -> None:
@@ -187,6 +254,21 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.service = service
         self.drain_timeout_s = drain_timeout_s
+        self.cut_short = False  # a second signal came during the drain
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """The first SIGTERM / SIGINT starts the drain (uvicorn's `should_exit`); a second one
+        cuts the drain short; later ones are logged and ignored. Never `force_exit`."""
+        if not self.should_exit:
+            super().handle_exit(sig, frame)
+            return
+        self._captured_signals.append(sig)  # re-raised by uvicorn on exit, as for the first
+        name = signal.Signals(sig).name
+        if not self.cut_short:
+            self.cut_short = True
+            logger.warning("%s during the drain: requests in progress are cut off now (503)", name)
+        else:
+            logger.warning("%s ignored: the server is already stopping", name)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         # Connections close after their current answer (idle keep-alive ones at once), so
@@ -194,10 +276,12 @@ class DrainingServer(uvicorn.Server):
         for connection in list(self.server_state.connections):
             connection.shutdown()
         drain = asyncio.ensure_future(self.service.drain(self.drain_timeout_s))
-        while not drain.done() and not self.force_exit:
+        while not drain.done() and not self.cut_short:
             await asyncio.wait({drain}, timeout=0.1)
         if not drain.done():
+            # cut short: what is still running answers its 503 now, as at the drain timeout
             drain.cancel()
+            await self.service.drain(0)
         await super().shutdown(sockets)
 
 

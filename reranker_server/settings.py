@@ -202,6 +202,12 @@ class Settings(BaseSettings):
     keep_alive_timeout_s: float = Field(
         5.0, gt=0, description="An idle kept-alive connection is closed after this many seconds."
     )
+    write_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="A client whose answer fills the send buffer must take some of it every this "
+        "many seconds; else the connection is cut and the answer's memory freed.",
+    )
     max_connections: int = Field(
         512,
         ge=0,

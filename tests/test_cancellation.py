@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import socket
 import threading
 import time
@@ -198,6 +199,8 @@ def draining_server(app: RerankerApp, drain_timeout_s: float) -> Iterator[tuple[
         server.should_exit = True  # what uvicorn's SIGTERM handler does
         return thread
 
+    stop.server = server  # type: ignore[attr-defined]  # for its signal handler
+
     try:
         yield f"http://127.0.0.1:{port}", stop
     finally:
@@ -264,6 +267,55 @@ def test_drain_timeout_cuts_off_with_json_503_and_drops_the_queue() -> None:
         server_thread.join(60)
         assert not server_thread.is_alive(), "the server did not exit after the drain"
     assert len(runner.batches) == 1  # only the batch that was in flight ran
+
+
+def test_every_answer_sent_while_draining_says_connection_close() -> None:
+    """Not only the drain's 503s: the 200s that finish during the drain and the liveness probe
+    too, so a kept-alive client opens a new connection (and gets a 503) rather than writing its
+    next request into one the server is closing."""
+    app, runner, _ = gated_app()
+    with draining_server(app, drain_timeout_s=120) as (url, stop):
+        answers, clients = post_in_threads(url, 2, docs=4)
+        assert runner.entered.wait(60)
+        wait_until(lambda: app.service.status().in_flight == 2, "two requests admitted")
+        with httpx.Client(base_url=url, timeout=30) as client:
+            before = client.get("/health/live")
+            assert before.status_code == 200 and "connection" not in before.headers
+            server_thread = stop()
+            wait_until(lambda: app.service.draining, "draining")
+            live = client.get("/health/live")  # a new connection: the drain closed the idle one
+            assert live.status_code == 200 and live.headers["Connection"] == "close"
+            ready = client.get("/health/ready")
+            assert ready.status_code == 503 and ready.headers["Connection"] == "close"
+        runner.gate.set()
+        for thread in clients:
+            thread.join(120)
+        server_thread.join(60)
+    assert [a.status_code for a in answers] == [200, 200]
+    assert [a.headers["Connection"] for a in answers] == ["close", "close"]
+
+
+def test_a_second_signal_cuts_the_drain_short_with_json_503s() -> None:
+    """Ctrl-C twice: the second one cuts the drain short (not uvicorn's force_exit, which
+    cancelled the handlers: plain-text 500s); a third is logged and ignored."""
+    app, runner, _ = gated_app()
+    with draining_server(app, drain_timeout_s=120) as (url, stop):
+        answers, clients = post_in_threads(url, 3, docs=8)
+        assert runner.entered.wait(60)
+        wait_until(lambda: app.service.status().in_flight == 3, "three requests admitted")
+        server = stop.server  # type: ignore[attr-defined]
+        server.handle_exit(signal.SIGINT, None)  # the first starts the drain
+        wait_until(lambda: app.service.draining, "draining")
+        server.handle_exit(signal.SIGINT, None)  # the second cuts it short
+        server.handle_exit(signal.SIGTERM, None)  # ignored
+        for thread in clients:
+            thread.join(120)
+        assert not server.force_exit
+        assert [a.status_code for a in answers] == [503, 503, 503]
+        assert {a.json()["error_type"] for a in answers} == {"shutting_down"}
+        runner.gate.set()  # the batch in flight may finish; the server exits
+        stop().join(60)
+        assert not stop().is_alive(), "the server did not exit"
 
 
 # --- full-size models, `reranker-server serve` (slow)

@@ -5,20 +5,25 @@ anyone else. Short timeouts, generous bounds: nothing here measures speed."""
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from pathlib import Path
 
 import httpx
 import pytest
 
+from bench.serving_edges import passages, post_raw, server
 from reranker_server.app import create_app
 from reranker_server.server import HttpProtocol, uvicorn_options
 from reranker_server.settings import Settings
 
 from .conftest import running
 
+ROOT = Path(__file__).resolve().parents[1]
 GENEROUS_S = 20.0  # far past every timeout below, so a busy machine does not fail the test
 RERANK = b'{"query": "capital of france", "documents": ["paris", "berlin"], "top_k": 1}'
 
@@ -166,6 +171,67 @@ def test_past_max_connections_a_rerank_request_gets_a_json_503(
         assert again.status_code == 200
 
 
+def big_answer_request(documents: int = 400, chars: int = 16_000) -> bytes:
+    """A /rerank request whose answer echoes every document: `documents x chars` bytes and
+    more, past what the kernel's socket buffers hold (tcp_wmem's max is 4 MiB by default)."""
+    body = json.dumps(
+        {
+            "query": "capital of france",
+            "documents": [f"paris {i} ".ljust(chars, "x") for i in range(documents)],
+            "top_k": documents,
+        }
+    ).encode()
+    return post(body)
+
+
+def closed_connections(url: str, reason: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=GENEROUS_S).text
+    pattern = r'^reranker_connections_closed_total\{reason="' + reason + r'"\} (\S+)$'
+    match = re.search(pattern, text, re.MULTILINE)
+    assert match, text
+    return float(match.group(1))
+
+
+def test_a_client_that_does_not_read_its_answer_is_cut_after_the_write_timeout(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """The answer (6.4 MB) fills the socket buffers; the client reads nothing. After
+    write_timeout_s without progress the server aborts the connection (the unsent part is
+    dropped, not kept for a reader that never comes) and counts it; a client that reads gets
+    the whole answer."""
+    settings = make_settings(write_timeout_s=1.0)
+    with running(create_app(settings), **uvicorn_options(settings)) as url:
+        before = closed_connections(url, "write_timeout")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: a slow reader
+        sock.settimeout(GENEROUS_S)
+        host, port = url.removeprefix("http://").split(":")
+        sock.connect((host, int(port)))
+        sock.sendall(big_answer_request())
+        deadline = time.monotonic() + 3 * GENEROUS_S  # tokenizing 6.4 MB first, then 1 s
+        while closed_connections(url, "write_timeout") == before:
+            assert time.monotonic() < deadline, "the non-reading client was never cut"
+            time.sleep(0.2)
+        received = b""
+        with sock:  # what the kernel already held arrives; then the connection ends, cut short
+            try:
+                while chunk := sock.recv(1 << 20):
+                    received += chunk
+            except ConnectionResetError:
+                pass
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        length = int(re.search(rb"(?im)^content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        assert len(body) < length  # the answer was cut, not delivered
+        # a reader gets all of it: the timeout bounds a stall, not an answer's size
+        reader = connect(url)
+        reader.sendall(big_answer_request())
+        with reader:
+            answer = read_response(reader)
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"}")
+        assert closed_connections(url, "write_timeout") == before + 1
+
+
 def test_uvicorns_own_cli_gets_the_limits_from_the_environment(
     make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -184,3 +250,33 @@ def test_uvicorns_own_cli_gets_the_limits_from_the_environment(
         )
         assert response.status_code == 200
     assert HttpProtocol.limits is not None and HttpProtocol.limits.header_timeout_s == 0.5
+
+
+@pytest.mark.slow
+def test_memory_returns_after_clients_that_never_read_their_big_answers(
+    tiny_models,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    """Issue 22's scenario on `reranker-server serve`: 4 clients each ask for a 16 MB answer
+    (1,000 documents of 16,000 characters, echoed) and read nothing. They are cut after the
+    write timeout, and 10 s later the server's RSS is within 150 MiB of idle (before: +360 MiB,
+    the clients connected as long as they liked)."""
+    models = tiny_models.stage2.parent
+    with server(ROOT, models, tmp_path, write_timeout_s=2, max_answer_bytes=64 << 20) as running:
+        small = {"query": "q", "documents": passages(10, 200, "w"), "top_k": 10}
+        assert httpx.post(running.url + "/rerank", json=small, timeout=60).status_code == 200
+        time.sleep(2)
+        idle = running.rss_mib()
+        body = json.dumps(
+            {"query": "capital of france", "documents": passages(1000, 16000, "d"), "top_k": 1000}
+        ).encode()
+        clients = [post_raw(running.port, body, rcvbuf=4096) for _ in range(4)]
+        deadline = time.monotonic() + 600  # tokenizing 4 x 16 MB on a busy machine
+        while closed_connections(running.url, "write_timeout") < 4:
+            assert time.monotonic() < deadline, "the clients were not cut"
+            time.sleep(0.5)
+        time.sleep(10)
+        after = running.rss_mib()
+        for client in clients:
+            client.close()
+    assert after - idle < 150, (idle, after)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import httpx
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from reranker_server.app import create_app
@@ -158,3 +159,22 @@ def test_scheduler_gauges_are_scraped(make_settings) -> None:  # type: ignore[no
         scrape = httpx.get(f"{url}/metrics").text
     assert 'reranker_queued_pairs{scheduler="cpu"} 0.0' in scrape
     assert 'reranker_busy_compute_threads{scheduler="cpu"}' in scrape
+
+
+def test_process_metrics_are_exported(make_settings: Callable[..., Settings]) -> None:
+    """CPU seconds and RSS of the server process (`reranker-server eval --url` reads the CPU),
+    and the connections cut, by reason, from the start (0 until one is)."""
+
+    def factory(_settings: Settings) -> Engine:
+        return Engine(KeywordRunner(), gate=GpuGate(None, 0, 0))
+
+    with (
+        running(create_app(make_settings(), factory)) as url,
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        samples = scrape(client)
+    assert value(samples, "process_cpu_seconds_total") > 0
+    rss = value(samples, "process_resident_memory_bytes")
+    assert 0.5 < rss / psutil.Process().memory_info().rss < 2  # this process: the server runs here
+    for reason in ("header_timeout", "body_timeout", "write_timeout"):
+        assert (("reranker_connections_closed_total", frozenset({("reason", reason)}))) in samples

@@ -151,3 +151,37 @@ def test_with_an_api_key_and_the_keyboard(
         curl = page.locator("#curl").inner_text()
         assert '-H "Authorization: Bearer $RERANKER_API_KEY"' in curl
         assert KEY not in page.locator("body").inner_text()  # the key is never shown
+
+
+def test_an_example_runs_when_picked_and_an_error_clears_the_previous_answer(
+    page: Any,  # noqa: F811
+    make_settings: Callable[..., Settings],
+) -> None:
+    """docs/tuning.md: picking a built-in example runs it at once; after a 422 only the error
+    shows, not the error above the previous answer's ranking."""
+    with running(create_app(make_settings(stage2_on_cpu=True))) as url:
+        page.goto(f"{url}/playground")
+        sent, answer = run_and_capture(page, lambda: page.select_option("#example", "rag"))
+        assert sent["top_k"] == 3 and len(sent["documents"]) == 8  # ran without a click
+        check_page_shows(page, url, sent, answer)
+
+        page.locator("#top_k").fill("0")
+        with page.expect_response(lambda r: r.url.endswith("/rerank")) as info:
+            page.locator("#query").focus()
+            page.keyboard.press("Control+Enter")  # the form's own min=1 check is skipped
+        assert info.value.status == 422
+        alert = page.get_by_role("alert")
+        alert.wait_for()
+        assert alert.inner_text().startswith("422 ")
+        assert page.locator("#results tbody tr").count() == 0
+        assert page.locator("#answer").is_hidden()
+        assert page.locator("#response-json").text_content() == ""
+
+
+def test_the_favicon_is_served() -> None:
+    with running(keyword_app()) as url:
+        icon = httpx.get(f"{url}/favicon.ico")
+        page_html = httpx.get(f"{url}/playground").text
+    assert icon.status_code == 200 and icon.headers["content-type"] == "image/x-icon"
+    assert icon.content[:4] == b"\x00\x00\x01\x00"  # an ICO file's header
+    assert '<link rel="icon" href="favicon.ico">' in page_html

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from reranker_server.model_generator import TestModelPaths
 
@@ -52,7 +53,7 @@ def test_the_demo_is_three_commands_and_starts_from_the_quick_start_install() ->
     (demo,) = indented_blocks("## Demo without downloads")
     install, make, serve = demo.splitlines()
     venv = "python3 -m venv .venv && . .venv/bin/activate && "
-    assert quick_start.startswith(venv + "pip install -e . && uvicorn reranker_server:app")
+    assert quick_start == venv + "pip install -e . && reranker-server serve"
     assert install == venv + "pip install torch==2.13.0 && pip install -e '.[torch]'"
     assert make == "reranker-server make-test-models"
     assert serve.endswith(" reranker-server serve")
@@ -107,4 +108,11 @@ def test_the_first_request_gets_the_answer_the_readme_shows(
     assert [(s["name"], s["device"], s["documents"]) for s in answer["stages"]] == [
         (s["name"], s["device"], s["documents"]) for s in shown_answer["stages"]
     ]
-    assert answer["usage"].keys() == shown_answer["usage"].keys()
+    assert answer["usage"] == shown_answer["usage"]
+    # the demo models are make-test-models' (seed 0), as in a fresh clone: the same scores
+    assert [(r["index"], r["text"]) for r in answer["results"]] == [
+        (r["index"], r["text"]) for r in shown_answer["results"]
+    ]
+    for got, shown_result in zip(answer["results"], shown_answer["results"], strict=True):
+        assert got["score"] == pytest.approx(shown_result["score"], abs=1e-5)
+        assert got["relevance_score"] == got["score"]

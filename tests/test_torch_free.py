@@ -60,9 +60,11 @@ def torch_free_env(site: Path, base: dict[str, str] | None = None) -> dict[str, 
 
 
 @contextmanager
-def torch_free_server(env: dict[str, str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """The quick-start command (`uvicorn reranker_server:app`) under `python -S` on the torch-free
-    site; yields its URL and its /health once ready."""
+def torch_free_server(
+    env: dict[str, str], stderr: list[str] | None = None
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The seed's command (`uvicorn reranker_server:app`) under `python -S` on the torch-free
+    site; yields its URL and its /health once ready. Its log ends up in `stderr`."""
     port = free_port()
     process = subprocess.Popen(
         torch_free(
@@ -78,7 +80,9 @@ def torch_free_server(env: dict[str, str]) -> Iterator[tuple[str, dict[str, Any]
         yield url, wait_healthy(url, process)
     finally:
         process.terminate()
-        process.communicate(timeout=30)
+        _, log = process.communicate(timeout=30)
+        if stderr is not None:
+            stderr.append(log)
 
 
 PROGRAM = """
@@ -146,7 +150,8 @@ def test_the_default_cpu_server_runs_without_torch(
 ) -> None:
     """Default settings (device auto, stage 2 off without a GPU): no torch needed at all."""
     env = torch_free_env(torch_free_site, env_for(tiny_models, tmp_path, RERANKER_DEVICE="auto"))
-    with torch_free_server(env) as (url, health):
+    log: list[str] = []
+    with torch_free_server(env, log) as (url, health):
         assert health["status"] == "ok"
         body = httpx.post(
             f"{url}/rerank",
@@ -163,6 +168,7 @@ def test_the_default_cpu_server_runs_without_torch(
         assert [r["score"] for r in body["results"]] == pytest.approx(
             sorted(scores, reverse=True)[:2], abs=1e-6
         )
+    assert log[0].count("torch is not installed") == 1, log[0][-3000:]  # said once
 
 
 def test_a_flashrank_to_onnx_cascade_is_served_without_torch(
@@ -234,7 +240,9 @@ def test_what_needs_torch_stops_startup_with_one_line(
     assert "Traceback" not in done.stderr and "ModuleNotFoundError" not in done.stderr
     lines = [line for line in done.stderr.splitlines() if EXTRA in line and "ERROR" in line]
     assert len(lines) == 1, done.stderr[-3000:]
-    assert what in lines[0] and "onnx-cross-encoder" in lines[0]
+    # uvicorn's own lines are JSON too (the default log format): read the message
+    message = json.loads(lines[0])["message"] if lines[0].startswith("{") else lines[0]
+    assert what in message and "onnx-cross-encoder" in message
 
 
 def test_make_test_models_without_torch_names_the_extra(

@@ -4,7 +4,7 @@ The page is one static file (reranker_server/static/playground.html: HTML, CSS a
 JavaScript; nothing loaded from elsewhere) that calls the public API like any client: `POST
 /rerank` with `return_stages`, and `GET /v1/models` for model names when the server lists them.
 It holds no secret, so it is served without the API key; the key typed into it goes with each
-request it sends.
+request it sends. `GET /favicon.ico` (static/favicon.ico) is the icon browsers ask for.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from functools import cache
 from importlib import resources
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 
 from .. import __version__
 
@@ -23,6 +23,20 @@ router = APIRouter(include_in_schema=False)
 @cache
 def playground_html() -> str:
     return resources.files("reranker_server").joinpath("static/playground.html").read_text("utf-8")
+
+
+@cache
+def favicon_bytes() -> bytes:
+    return resources.files("reranker_server").joinpath("static/favicon.ico").read_bytes()
+
+
+@router.get("/favicon.ico")
+async def favicon() -> Response:
+    return Response(
+        favicon_bytes(),
+        media_type="image/x-icon",
+        headers={"Cache-Control": "public, max-age=86400"},
+    )
 
 
 @router.get("/playground", response_class=HTMLResponse)
