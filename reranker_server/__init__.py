@@ -35,12 +35,14 @@ def _app_from_environment() -> Any:
     from .settings import SettingsError, load_settings, setting_source
 
     try:
-        settings, _ = load_settings(unused=SERVER_OWNED_SETTINGS)
+        settings, notes = load_settings(unused=SERVER_OWNED_SETTINGS)
     except SettingsError as exc:
         for line in exc.lines:
             print(f"reranker-server: invalid setting {line}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level, settings.log_format)
+    for note in notes:  # an unknown RERANKER_* variable, with the closest real name
+        logging.getLogger(__name__).warning("%s", note)
     for setting in SERVER_OWNED_SETTINGS:
         variable, value = setting_source(setting)
         if value is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 from importlib.util import find_spec
 from pathlib import Path
@@ -27,10 +28,11 @@ DOWNLOAD_SETTINGS = (
     "stage2_model",
     "stage1_kind",
     "stage2_kind",
+    "stage2_onnx_file",
+    "trust_remote_code",
     "cascades",
     "model_cache_dir",
     "offline",
-    "trust_remote_code",
     "flashrank_base_url",
     "hub_endpoint",
     "download_timeout_s",
@@ -87,6 +89,18 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**flags_given(args))
 
 
+def _add_check_command(commands: Any, settings: tuple[str, ...]) -> None:
+    check = commands.add_parser(
+        "check",
+        help="validate the settings and the cascades file, print the plan, load nothing",
+        description="Validate the settings and every cascade (kinds, local model files, hub ids, "
+        "devices, extras) without loading or downloading a model, and print what runs where, "
+        "one line per cascade. Exit 0, or 2 with the error on one line.",
+        allow_abbrev=False,
+    )
+    _add_setting_flags(check, settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reranker-server",
@@ -105,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     server_settings = tuple(n for n in Settings.model_fields if n not in SECRET_SETTINGS)
     _add_setting_flags(serve, server_settings)
 
+    _add_check_command(commands, server_settings)
     download = commands.add_parser(
         "download",
         help="fetch the models (every cascade's) into the model cache, then exit",
@@ -207,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "quantize":
         configure_logging("warning", "text")
         return _quantize(args)
-    serving = args.command in ("serve", "eval")  # eval can serve in-process
+    serving = args.command in ("serve", "eval", "check")  # eval can serve in-process
     unused = () if serving else set(Settings.model_fields) - set(DOWNLOAD_SETTINGS)
     try:
         settings, notes = load_settings(flags_given(args), unused=unused)
@@ -222,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         return _download(settings)
     if args.command == "eval":
         return _eval(args, settings)
+    if args.command == "check":
+        return _check(settings)
     return _serve(settings)
 
 
@@ -235,6 +252,16 @@ def _serve(settings: Settings) -> int:
 
     # uvicorn re-raises the signal that stopped it once it has shut down; with these no-op
     # handlers in place that ends the process with status 0 instead of "killed by SIGTERM".
+    try:  # before any model loads: a port in use stops here, in one line
+        sock = bind_port(settings.host, settings.port)
+    except OSError as exc:
+        print(
+            f"reranker-server: port {settings.port} on {settings.host} is in use or can't be "
+            f"bound ({exc.strerror or exc}); fix: stop what holds it, or choose another port "
+            "with --port or RERANKER_PORT",
+            file=sys.stderr,
+        )
+        return 2
     for stop in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop, lambda *_: None)
     app = create_app(settings)
@@ -248,35 +275,76 @@ def _serve(settings: Settings) -> int:
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,  # after the drain: answers being written
         **uvicorn_options(settings),  # connection limits (server.py)
     )
-    return serve(config, app.service, settings.drain_timeout_s)
+    return serve(config, app.service, settings.drain_timeout_s, sockets=[sock])
+
+
+def bind_port(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), not yet listening (uvicorn listens once the models are
+    loaded, so connections are refused, not queued, meanwhile). Raises OSError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 def _download(settings: Settings) -> int:
     """Fetch every cascade's models (`RERANKER_CASCADES`, else the stage settings') into the
-    cache. Other kinds fetch theirs when the server starts."""
+    cache, each by its kind, whether or not this host runs it."""
     from .cascade_file import read_cascades
-    from .model_store import stage1_files, stage2_path
+    from .model_store import ModelStore
+    from .preflight import plan_stage
 
-    fetchers = {
-        "flashrank": lambda model: stage1_files(settings, model).directory,
-        "cross-encoder": lambda model: stage2_path(settings, model=model),
-        "onnx-cross-encoder": lambda model: stage2_path(
-            settings, model=model, kind="onnx-cross-encoder"
-        ),
-    }
+    store = ModelStore.from_settings(settings)
     try:
         for cascade in read_cascades(settings):
             prefix = f"cascade {cascade.name} " if settings.cascades is not None else ""
-            stages = [("stage 1", cascade.stage1_kind, cascade.stage1)]
-            if cascade.stage2 is not None:
-                stages.append(("stage 2", cascade.stage2_kind, cascade.stage2))
-            for stage, kind, model in stages:
-                fetch = fetchers.get(kind)
-                where = fetch(model) if fetch else f"(kind {kind}: fetched at startup)"
-                print(f"{prefix}{stage}: {model} -> {where}")
+            for number, _spec in cascade.stages():
+                stage = plan_stage(cascade, number, store, lambda _policy: True)  # as if here
+                where = stage.kind.fetch(stage.spec, store)
+                shown = where if where is not None else f"(kind {stage.kind.name}: no files)"
+                print(f"{prefix}stage {stage.stage}: {stage.spec.model} -> {shown}")
     except ModelLoadError as exc:
         print(f"reranker-server: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _check(settings: Settings) -> int:
+    """Validate the settings and every cascade without loading a model (nothing is downloaded
+    and the hub is not asked); print the plan, one line per cascade. 0, or 2 and the error."""
+    from dataclasses import replace
+
+    from .cascade_file import read_cascades
+    from .devices import detect_accelerator
+    from .model_store import ModelStore
+    from .preflight import describe, plan_cascades
+
+    gpus: dict[str, bool] = {}
+
+    def has_gpu(policy: str) -> bool:
+        device = settings.device if policy in ("auto", "cpu") else policy
+        if device not in gpus:
+            try:
+                gpus[device] = detect_accelerator(device, settings.gpu_memory_limit_mb) is not None
+            except ModelLoadError:  # a GPU named without torch: not on this host
+                gpus[device] = False
+        return gpus[device]
+
+    store = replace(ModelStore.from_settings(settings), offline=True)  # cached listings only
+    try:
+        plans = plan_cascades(read_cascades(settings), store, has_gpu)
+    except ModelLoadError as exc:
+        print(f"reranker-server: {exc}", file=sys.stderr)
+        return 2
+    for line in describe(plans):
+        print(line)
+    print(f"reranker-server check: settings and {len(plans)} cascade(s) OK")
     return 0
 
 
@@ -374,10 +442,7 @@ def _quantize(args: argparse.Namespace) -> int:
     gap = first.smallest_top10_gap
     print(f"  (smallest gap between neighbouring top-11 fp32 scores: {gap:.1e})")
     print("serve it as stage 2 on the CPU (kind onnx-cross-encoder, no torch needed):")
-    print(
-        f"  RERANKER_STAGE2_MODEL={result.directory} RERANKER_STAGE2_KIND=onnx-cross-encoder "
-        "RERANKER_STAGE2_ON_CPU=true reranker-server serve"
-    )
+    print(f"  RERANKER_STAGE2_MODEL={result.directory} reranker-server serve")
     if result.fused_file is not None:
         print(f'  the fused variant: onnx_file = "{result.fused_file}" (docs/models.md)')
     return 0

@@ -28,5 +28,6 @@ def require_torch(what: str) -> None:
         raise ModelLoadError(
             f"{what} needs the torch extra ({', '.join(missing)} not installed); fix: "
             f"{TORCH_EXTRA} (on a CPU-only host `pip install torch==2.13.0` first), or run stage 2 "
-            'on the CPU without torch: kind = "onnx-cross-encoder" (docs/models.md)'
+            "on the CPU without torch: RERANKER_STAGE2_KIND=onnx-cross-encoder (a cascades file: "
+            "stage2.kind; docs/models.md)"
         )

@@ -18,10 +18,11 @@ import fnmatch
 import logging
 import os
 import platform
+import re
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -105,7 +106,6 @@ def _reason(exc: BaseException, url: str) -> str:
 
 
 ONNX_HUB_IGNORE = ["openvino/*", "*/openvino/*"]
-STAGE2_KINDS = ("cross-encoder", "onnx-cross-encoder")
 # ONNX files a hub export may hold, by the CPU they are quantized for (sentence-transformers /
 # optimum names), best first; then CPU-neutral int8 files (transformers.js names).
 ONNX_BY_CPU_FLAG = (
@@ -333,32 +333,13 @@ def weight_files(names: Iterable[str]) -> list[str]:
     return sorted(n for n in names if fnmatch.fnmatch(n, "pytorch_model*.bin") and "/" not in n)
 
 
-def infer_stage2_kind(names: Iterable[str]) -> str | None:
-    """The runner kind a model's files call for: torch weights -> `cross-encoder`, else ONNX
-    files -> `onnx-cross-encoder`; None when there are neither."""
-    names = list(names)
-    if weight_files(names):
-        return "cross-encoder"
-    return "onnx-cross-encoder" if onnx_files_in(names) else None
-
-
-def hub_patterns(
-    names: Sequence[str],
-    kind: str,
-    *,
-    onnx_file: str = "auto",
-    trust_remote_code: bool = False,
-    cpu: CpuFeatures | None = None,
+def torch_weight_patterns(
+    names: Sequence[str], *, trust_remote_code: bool = False
 ) -> tuple[list[str], list[str]]:
-    """(allow, ignore) patterns for downloading what a `kind` runner needs from a repository
-    holding the files `names`: configs, tokenizer and templates, then the weights it runs."""
+    """(allow, ignore) patterns for a torch model (sentence-transformers layout) from a
+    repository holding `names`: configs, tokenizer and templates, then its weights."""
     allow = list(HUB_PATTERNS)
-    if kind == "onnx-cross-encoder":
-        chosen = choose_onnx_file(names, onnx_file, cpu)
-        if chosen:  # and its external weights, when it has them (models over 2 GB)
-            allow += [chosen, f"{chosen}_data", f"{chosen}.data"]
-        return allow, list(ONNX_HUB_IGNORE)
-    weights = weight_files(names)  # [] when the listing is unknown: allow either kind
+    weights = weight_files(names)  # [] when the listing is unknown: allow either format
     if not weights or weights[0].endswith(".safetensors"):
         allow.append("*.safetensors")  # every shard, and modules in subfolders
     if not weights or weights[0].endswith(".bin"):
@@ -368,67 +349,123 @@ def hub_patterns(
     return allow, list(HUB_IGNORE)
 
 
-def check_stage2_dir(
-    directory: Path, kind: str, *, onnx_file: str = "auto", cpu: CpuFeatures | None = None
-) -> None:
-    """Raise ModelLoadError (naming the files found) unless `directory` holds what `kind` runs."""
-    names = [
+def onnx_patterns(
+    names: Sequence[str], *, onnx_file: str = "auto", cpu: CpuFeatures | None = None
+) -> tuple[list[str], list[str]]:
+    """(allow, ignore) patterns for an ONNX export: configs, tokenizer and templates, then the
+    one ONNX file this CPU runs (and its external weights, for models over 2 GB)."""
+    allow = list(HUB_PATTERNS)
+    chosen = choose_onnx_file(names, onnx_file, cpu)
+    if chosen:
+        allow += [chosen, f"{chosen}_data", f"{chosen}.data"]
+    return allow, list(ONNX_HUB_IGNORE)
+
+
+def listing_of(directory: Path) -> list[str]:
+    """A directory's files and those in its onnx/ folder, as repository paths."""
+    return [
         str(p.relative_to(directory)) for p in [*directory.glob("*"), *directory.glob("onnx/*")]
     ]
-    if kind == "onnx-cross-encoder":
-        missing = [] if (directory / "tokenizer.json").is_file() else ["tokenizer.json"]
-        if choose_onnx_file(names, onnx_file, cpu) is None:
-            wanted = "model.onnx" if onnx_file in ("auto", "fp32") else onnx_file
-            missing.append(f"{wanted} (onnx_file={onnx_file})")
+
+
+def check_torch_dir(directory: Path, what: str) -> None:
+    """Raise ModelLoadError unless `directory` holds a torch model: config.json and weights.
+    `what` names the model and kind in the message."""
+    names = listing_of(directory)
+    missing = [] if (directory / "config.json").is_file() else ["config.json"]
+    if not weight_files(names):
+        missing.append("*.safetensors or pytorch_model.bin")
+    fix = "point the model at a cross-encoder saved by sentence-transformers"
+    if not weight_files(names) and onnx_files_in(names):
         fix = (
-            "point the model at a directory or hub repository with onnx/*.onnx (or model.onnx) "
-            "and tokenizer.json, or set onnx_file to one of the files found"
+            "it holds ONNX files only: leave the kind out (it is inferred) or set it to "
+            '"onnx-cross-encoder" (RERANKER_STAGE2_KIND; a cascades file: stage2.kind)'
         )
-    else:
-        missing = [] if (directory / "config.json").is_file() else ["config.json"]
-        if not weight_files(names):
-            missing.append("*.safetensors or pytorch_model.bin")
-        fix = "point RERANKER_STAGE2_MODEL at a cross-encoder saved by sentence-transformers"
-        if not weight_files(names) and onnx_files_in(names):
-            fix = 'it holds ONNX files: use kind = "onnx-cross-encoder"'
     if missing:
         raise ModelLoadError(
-            f"stage-2 model directory {directory} has no {', '.join(missing)} for kind {kind} "
+            f"model directory {directory} has no {', '.join(missing)} for {what} "
             f"(found: {_found(directory)}); fix: {fix}"
         )
 
 
-def resolve_stage2(
-    name: str,
-    cache_dir: Path,
-    *,
-    offline: bool,
-    timeout_s: float,
-    endpoint: str | None = None,
-    trust_remote_code: bool = False,
-    kind: str = "cross-encoder",
-    onnx_file: str = "auto",
-) -> str:
-    """A local model directory, or a hub id fetched into the cache, checked for `kind`."""
+def check_onnx_dir(
+    directory: Path, what: str, *, onnx_file: str = "auto", cpu: CpuFeatures | None = None
+) -> None:
+    """Raise ModelLoadError unless `directory` holds an ONNX export: tokenizer.json and the
+    ONNX file `onnx_file` picks."""
+    missing = [] if (directory / "tokenizer.json").is_file() else ["tokenizer.json"]
+    if choose_onnx_file(listing_of(directory), onnx_file, cpu) is None:
+        wanted = "model.onnx" if onnx_file in ("auto", "fp32") else onnx_file
+        missing.append(f"{wanted} (onnx_file={onnx_file})")
+    if missing:
+        raise ModelLoadError(
+            f"model directory {directory} has no {', '.join(missing)} for {what} "
+            f"(found: {_found(directory)}); fix: point the model at a directory or hub "
+            "repository with onnx/*.onnx (or model.onnx) and tokenizer.json, or set onnx_file "
+            "(RERANKER_STAGE2_ONNX_FILE; a cascades file: stage2.onnx_file) to one of the files "
+            "found"
+        )
+
+
+# A hub id: `name` or `org/name`, letters, digits, `-`, `_`, `.` (huggingface_hub's rule).
+HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` is a well-formed hub id (the hub is not asked)."""
+    return (
+        bool(HUB_ID.match(name))
+        and ".." not in name
+        and "--" not in name
+        and (not name.endswith((".", "-")))
+    )
+
+
+def check_model_name(name: str, what: str) -> Path | None:
+    """A local directory `name` names (None: a hub id). Raise ModelLoadError when it is
+    neither: a path that does not exist, or a malformed hub id."""
     local = Path(name).expanduser()
     if local.is_dir():
-        check_stage2_dir(local, kind, onnx_file=onnx_file)
-        return str(local)
+        return local
+    if local.exists():
+        raise ModelLoadError(f"{what} {name!r} is a file, not a model directory")
+    pathlike = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name
+    if pathlike or not is_hub_id(name):
+        raise ModelLoadError(
+            f"{what} {name!r} is neither a directory nor a hub id (org/name); fix: the path "
+            "of a model directory, or a hub id such as cross-encoder/ms-marco-MiniLM-L-6-v2"
+        )
+    return None
+
+
+def resolve_hub_model(
+    name: str,
+    store: ModelStore,
+    *,
+    what: str,
+    patterns: Callable[[Sequence[str]], tuple[list[str], list[str]]],
+    check: Callable[[Path], None],
+) -> Path:
+    """A local model directory, or a hub id fetched into the cache (`patterns` says which files
+    from its listing), checked by `check` before it is used."""
+    local = check_model_name(name, what)
+    if local is not None:
+        check(local)
+        return local
     from huggingface_hub import snapshot_download
 
-    hub_cache = cache_dir / "hub"
+    hub_cache = store.cache_dir / "hub"
+    endpoint, offline = store.hub_endpoint, store.offline
     try:
         names = hub_listing(name, hub_cache, offline=offline, endpoint=endpoint)
-        allow, ignore = hub_patterns(
-            names, kind, onnx_file=onnx_file, trust_remote_code=trust_remote_code
-        )
+        allow, ignore = patterns(names)
         path = snapshot_download(
             name,
             cache_dir=hub_cache,
             local_files_only=offline,
             allow_patterns=allow,
             ignore_patterns=ignore,
-            etag_timeout=timeout_s,
+            etag_timeout=store.timeout_s,
             endpoint=endpoint,
         )
     except Exception as exc:  # the hub client raises many types; all mean "not available"
@@ -438,15 +475,15 @@ def resolve_stage2(
             raise unwritable_cache(_blocking_directory(where)) from None
         if offline:
             raise ModelLoadError(
-                f"stage-2 model '{name}' is not in the cache ({hub_cache}) and offline mode is "
+                f"{what} '{name}' is not in the cache ({hub_cache}) and offline mode is "
                 "on; " + download_fixes(2, offline=True)
             ) from None
         raise ModelLoadError(
-            f"stage-2 model '{name}' could not be downloaded ({_hub_reason(exc, endpoint)}); "
+            f"{what} '{name}' could not be downloaded ({_hub_reason(exc, endpoint)}); "
             + download_fixes(2)
         ) from None
-    check_stage2_dir(Path(path), kind, onnx_file=onnx_file)  # verify before it is used
-    return str(path)
+    check(Path(path))  # verify before it is used
+    return Path(path)
 
 
 def _hub_reason(exc: Exception, endpoint: str | None) -> str:
@@ -470,7 +507,7 @@ def model_files(
     name: str, cache_dir: Path, *, offline: bool, endpoint: str | None = None
 ) -> list[str]:
     """The files a model holds (paths relative to it): a local directory's, or a hub repository's
-    listing. With `infer_stage2_kind` this picks a runner kind when none is given."""
+    listing (runners/registry.py infers a runner kind from it when none is given)."""
     local = Path(name).expanduser()
     if local.is_dir():
         return sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
@@ -494,32 +531,33 @@ def hub_listing(name: str, hub_cache: Path, *, offline: bool, endpoint: str | No
         return []
 
 
-def stage1_files(settings: Settings, model: str | None = None) -> FlashRankFiles:
-    """A FlashRank model (default: the stage-1 model the settings name), fetched if needed."""
+@dataclass(frozen=True)
+class ModelStore:
+    """Where models come from and go: the process-wide download settings."""
+
+    cache_dir: Path = Path("./hf_cache")
+    offline: bool = False
+    timeout_s: float = 60.0
+    flashrank_base_url: str = ""
+    hub_endpoint: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ModelStore:
+        return cls(
+            cache_dir=settings.model_cache_dir,
+            offline=settings.offline,
+            timeout_s=settings.download_timeout_s,
+            flashrank_base_url=settings.flashrank_base_url,
+            hub_endpoint=settings.hub_endpoint,
+        )
+
+
+def flashrank_files(name: str, store: ModelStore) -> FlashRankFiles:
+    """A FlashRank model (a name or directory), fetched from FlashRank's host if needed."""
     return resolve_stage1(
-        model or settings.stage1_model,
-        settings.model_cache_dir,
-        offline=settings.offline,
-        timeout_s=settings.download_timeout_s,
-        base_url=settings.flashrank_base_url,
-    )
-
-
-def stage2_path(
-    settings: Settings,
-    *,
-    model: str | None = None,
-    kind: str = "cross-encoder",
-    onnx_file: str = "auto",
-) -> str:
-    """The stage-2 model directory the settings (or a cascade's `model`) name, fetched if needed."""
-    return resolve_stage2(
-        model or settings.stage2_model,
-        settings.model_cache_dir,
-        offline=settings.offline,
-        timeout_s=settings.download_timeout_s,
-        endpoint=settings.hub_endpoint,
-        trust_remote_code=settings.trust_remote_code,
-        kind=kind,
-        onnx_file=onnx_file,
+        name,
+        store.cache_dir,
+        offline=store.offline,
+        timeout_s=store.timeout_s,
+        base_url=store.flashrank_base_url,
     )

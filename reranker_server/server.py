@@ -285,9 +285,15 @@ class DrainingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def serve(config: uvicorn.Config, service: RerankService, drain_timeout_s: float) -> int:
+def serve(
+    config: uvicorn.Config,
+    service: RerankService,
+    drain_timeout_s: float,
+    sockets: list[socket.socket] | None = None,
+) -> int:
     """Run until SIGTERM / SIGINT, drain, shut down. 0 when it stopped, 3 (uvicorn's startup
-    failure) when it never started (a model that can't be loaded)."""
+    failure) when it never started (a model that can't be loaded). `sockets`: already bound
+    (cli.py binds the port before the models load)."""
     server = DrainingServer(config, service, drain_timeout_s)
-    server.run()
+    server.run(sockets=sockets)
     return 0 if server.started else 3

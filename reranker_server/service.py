@@ -34,6 +34,7 @@ from .errors import (
     cut,
     shown,
 )
+from .runners.base import score
 from .settings import Settings
 from .types import (
     Cancellation,
@@ -315,7 +316,7 @@ class RerankService:
         try:
             await asyncio.wait_for(
                 asyncio.to_thread(
-                    lambda: [runner.score("ready", ["ready"]) for runner in stage1.values()]
+                    lambda: [score(runner, "ready", ["ready"]) for runner in stage1.values()]
                 ),
                 READY_TIMEOUT_S,
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -37,10 +38,25 @@ class Settings(BaseSettings):
         description="sentence-transformers cross-encoder: hub id or local directory.",
     )
     stage1_kind: str = Field(
-        "flashrank", description="Runner kind of stage 1 (runners/registry.py)."
+        "",
+        description="Runner kind of stage 1 (docs/models.md); empty: inferred from the model's "
+        "files (a FlashRank name or layout: flashrank).",
     )
     stage2_kind: str = Field(
-        "cross-encoder", description="Runner kind of stage 2 (runners/registry.py)."
+        "",
+        description="Runner kind of stage 2 (docs/models.md); empty: inferred from the model's "
+        "files (torch weights: cross-encoder; ONNX files only: onnx-cross-encoder).",
+    )
+    stage2_device: str = Field(
+        "auto",
+        description="Where stage 2 runs: auto (the GPU RERANKER_DEVICE picks when usable; else a "
+        "GPU kind is skipped and a CPU-only kind runs on the CPU), cpu, cuda or cuda:N.",
+    )
+    stage2_onnx_file: str = Field(
+        "auto",
+        min_length=1,
+        description="ONNX kinds: the file to run: auto (the int8 file for this CPU), fp32 "
+        "(model.onnx), or a file name.",
     )
     stage2_instruction: str = Field(
         "",
@@ -80,7 +96,9 @@ class Settings(BaseSettings):
         description="Most documents a request may send to stage 2 with its own `candidates`.",
     )
     device: str = Field(
-        "auto", description="Stage-2 device: auto, cpu, cuda or cuda:N (auto = CUDA if present)."
+        "auto",
+        description="The GPU a stage with device auto uses: auto (the one with most free memory, "
+        "if any), cpu (none), cuda or cuda:N.",
     )
     stage1: Literal["always", "auto"] = Field(
         "always",
@@ -97,8 +115,8 @@ class Settings(BaseSettings):
     )
     stage2_on_cpu: bool = Field(
         False,
-        description="Run the cross-encoder on the CPU when no GPU is usable (off: answer from "
-        "stage 1).",
+        description="A CPU copy of stage 2 answers when no GPU is usable (off: answer from stage "
+        "1, fallback no_gpu); RERANKER_STAGE2_DEVICE=cpu runs it on the CPU always.",
     )
     min_free_vram_mb: int = Field(
         512, ge=0, description="Free VRAM needed at request time to use the GPU."
@@ -275,7 +293,7 @@ class Settings(BaseSettings):
         False, description="Debug: put query and document text in request logs (off: never)."
     )
 
-    @field_validator("device")
+    @field_validator("device", "stage2_device")
     @classmethod
     def _check_device(cls, value: str) -> str:
         value = value.strip().lower()
@@ -371,17 +389,39 @@ def load_settings(
     default, and a note says so.
     """
     flags = dict(flags or {})
+    unknown = unknown_variables(os.environ)
     try:
-        return Settings(**flags), []
+        return Settings(**flags), unknown
     except ValidationError as exc:
         errors = exc.errors()
     ignorable = {str(e["loc"][0]) for e in errors if e["loc"] and e["loc"][0] in unused}
     fatal = [e for e in errors if not (e["loc"] and e["loc"][0] in ignorable)]
     if fatal:
         raise SettingsError([_describe(e, flags) for e in fatal]) from None
-    notes = [f"{_describe(e, flags)}; ignored (not used here)" for e in errors]
+    notes = unknown + [f"{_describe(e, flags)}; ignored (not used here)" for e in errors]
     defaults = {name: Settings.model_fields[name].default for name in ignorable}
     return Settings(**{**flags, **defaults}), notes
+
+
+# RERANKER_* variables that are not settings but are read elsewhere (tests, benchmarks)
+FOREIGN_PREFIXES = ("RERANKER_TEST_", "RERANKER_BENCH_")
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One note per `RERANKER_*` variable that names no setting, with the closest real one:
+    `RERANKER_CANDIATES is not a setting (ignored); did you mean RERANKER_CANDIDATES?`."""
+    known = [f"RERANKER_{name.upper()}" for name in Settings.model_fields]
+    notes = []
+    for key in sorted(environ):
+        variable = key.upper()
+        if not variable.startswith("RERANKER_") or variable in known:
+            continue
+        if variable.startswith(FOREIGN_PREFIXES):
+            continue
+        close = difflib.get_close_matches(variable, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else "; see docs/settings.md"
+        notes.append(f"{key} is not a setting (ignored){hint}")
+    return notes
 
 
 def _describe(error: Any, flags: Mapping[str, Any]) -> str:

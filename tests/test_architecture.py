@@ -67,7 +67,7 @@ def test_the_scan_sees_the_package() -> None:
     assert {"reranker_server.api.routes", "reranker_server.engine.engine"} <= set(MODULES)
     assert "reranker_server.service" in MODULES["reranker_server.api.answer"]
     assert "reranker_server.engine.scheduler" in MODULES["reranker_server.engine.engine"]
-    assert "onnxruntime" in MODULES["reranker_server.runners.flashrank"]
+    assert "onnxruntime" in MODULES["reranker_server.runners.onnx_base"]
 
 
 def in_package(prefix: str) -> list[str]:

@@ -10,6 +10,7 @@ added through the runner registry whose order is known: `longest` ranks longer d
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import tomllib
 from collections import Counter
@@ -23,13 +24,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from reranker_server.app import RerankerApp, create_app
 from reranker_server.cascade_file import DEFAULT_NAME, parse_cascades, read_cascades
-from reranker_server.devices import Accelerator
 from reranker_server.engine.loader import load_cascades
 from reranker_server.errors import ModelLoadError
 from reranker_server.model_generator import TestModelPaths
+from reranker_server.model_store import ModelStore
 from reranker_server.runners import flashrank, registry
 from reranker_server.runners.base import Pair, PairwiseRunner, Runner
+from reranker_server.runners.kind import LoadTarget, modelless_kind
 from reranker_server.settings import Settings
+from reranker_server.specs import StageSpec
 
 from .conftest import running
 from .keyword_server import keyword_app
@@ -66,14 +69,20 @@ def expected_score(longest: bool, document: str) -> float:
     return len(document) / 100 if longest else 1 / (1 + len(document))
 
 
-def load_by_length(model: str, _settings: Settings, _acc: Accelerator | None) -> Runner:
-    LOADS["by-length", model] += 1
-    return ByLength(model)
+def load_by_length(spec: StageSpec, _target: LoadTarget) -> Runner:
+    LOADS["by-length", spec.model] += 1
+    return ByLength(spec.model)
 
 
-def load_counted_flashrank(model: str, settings: Settings, acc: Accelerator | None) -> Runner:
-    LOADS["counted-flashrank", model] += 1
-    return flashrank.load(model, settings, acc)
+def load_counted_flashrank(spec: StageSpec, store: ModelStore, target: LoadTarget) -> Runner:
+    LOADS["counted-flashrank", spec.model] += 1
+    return flashrank.KIND.load(spec, store, target)
+
+
+BY_LENGTH = modelless_kind("by-length", load_by_length, stage1=False)
+COUNTED_FLASHRANK = dataclasses.replace(
+    flashrank.KIND, name="counted-flashrank", load=load_counted_flashrank
+)
 
 
 def cascades_toml(stage1: Path, **extra: str) -> str:
@@ -108,8 +117,8 @@ def cascade_settings(models: TestModelPaths, directory: Path, **overrides: Any) 
 @pytest.fixture(scope="module")
 def kinds() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(registry.RUNNER_KINDS, "by-length", load_by_length)
-        patch.setitem(registry.RUNNER_KINDS, "counted-flashrank", load_counted_flashrank)
+        patch.setitem(registry.RUNNER_KINDS, "by-length", BY_LENGTH)
+        patch.setitem(registry.RUNNER_KINDS, "counted-flashrank", COUNTED_FLASHRANK)
         yield
 
 
@@ -331,7 +340,7 @@ BAD_FILES = [
     (TABLE.format(name="a") + 'candidates = "ten"\n', "[cascades.a] candidates: Input should"),
     (TABLE.format(name="a") + 'aliases = "x"\n', "[cascades.a] aliases: Input should be a"),
     (TABLE.format(name="a") + 'default = "yes"\n', "[cascades.a] default: Input should be"),
-    (TABLE.format(name="a") + 'stage2 = ""\n', "[cascades.a] stage2: String should have"),
+    (TABLE.format(name="a") + 'stage2 = ""\n', "[cascades.a] stage2.model: String should have"),
     (
         TABLE.format(name="a") + "default = true\n" + TABLE.format(name="b") + "default = true\n",
         "[cascades.b] default: cascade 'a' is already the default",
@@ -371,9 +380,9 @@ def test_a_missing_file_is_one_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("table", "expected"),
     [
-        ('stage1_kind = "nope"\n', "[cascades.a] unknown runner kind 'nope'; fix: use one of"),
+        ('stage1_kind = "nope"\n', "[cascades.a] stage1.kind: unknown runner kind 'nope'; fix:"),
         ('stage2 = "demo"\nstage2_kind = "nope"\nstage2_on_cpu = true\n', "unknown runner kind"),
-        ('stage1_kind = "by-length"\n', "[cascades.a] runner kind 'by-length' can't be stage 1"),
+        ('stage1_kind = "by-length"\n', "[cascades.a] stage1.kind: runner kind 'by-length' can't"),
     ],
 )
 def test_a_model_a_cascade_cannot_load_is_one_line_naming_the_cascade(
@@ -419,9 +428,10 @@ def test_without_a_file_there_is_one_default_cascade_from_the_settings() -> None
     assert settings.cascades is None
     (cascade,) = read_cascades(settings)
     assert cascade.name == DEFAULT_NAME and cascade.default and not cascade.aliases
-    assert (cascade.stage1, cascade.stage1_kind) == ("s1", "flashrank")
-    assert (cascade.stage2, cascade.stage2_kind) == ("s2", "cross-encoder")
-    assert (cascade.candidates, cascade.stage2_on_cpu, cascade.origin) == (7, False, "")
+    assert cascade.stage2 is not None
+    assert (cascade.stage1.model, cascade.stage1.kind) == ("s1", None)  # None: inferred
+    assert (cascade.stage2.model, cascade.stage2.kind) == ("s2", None)
+    assert (cascade.candidates, cascade.stage2.cpu_fallback, cascade.origin) == (7, False, "")
 
 
 def test_without_a_file_health_and_answers_are_as_before() -> None:
@@ -470,7 +480,7 @@ def test_download_fetches_every_cascade_s_models(
         f"cascade a stage 1: {tiny_models.stage1} -> {tiny_models.stage1}",
         f"cascade a stage 2: {tiny_models.stage2} -> {tiny_models.stage2}",
         f"cascade b stage 1: {tiny_models.stage1} -> {tiny_models.stage1}",
-        "cascade b stage 2: x -> (kind by-length: fetched at startup)",
+        "cascade b stage 2: x -> (kind by-length: no files)",
     ]
     path.write_text("[cascades.a]\n")
     assert main(argv) == 1

@@ -1,5 +1,5 @@
-"""docs/models.md: its cascade examples are valid TOML in the documented shape, and it names every
-FlashRank model and the ONNX files the runner may choose."""
+"""docs/models.md: its cascade examples load with the real parser, and it names every runner kind,
+every FlashRank model and the ONNX files the runner may choose."""
 
 from __future__ import annotations
 
@@ -7,29 +7,31 @@ import re
 import tomllib
 from pathlib import Path
 
+from reranker_server.cascade_file import parse_cascades
 from reranker_server.model_generator import flashrank_pairwise_names
-from reranker_server.model_store import ONNX_ARM64, ONNX_BY_CPU_FLAG, STAGE2_KINDS
+from reranker_server.model_store import ONNX_ARM64, ONNX_BY_CPU_FLAG
+from reranker_server.runners.registry import RUNNER_KINDS
+from reranker_server.settings import Settings
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "models.md"
-CASCADE_FIELDS = {"stage1", "stage2", "candidates", "aliases", "default"}
-STAGE_FIELDS = {"model", "kind", "onnx_file", "instruction"}
-KINDS = {"flashrank", *STAGE2_KINDS}
 
 
-def test_the_cascade_examples_parse_in_the_documented_shape() -> None:
+def test_the_cascade_examples_load_with_the_real_parser() -> None:
     blocks = re.findall(r"```toml\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
     assert len(blocks) >= 3  # English, multilingual, CPU-only
     names = []
     for block in blocks:
-        for name, cascade in tomllib.loads(block)["cascades"].items():
-            names.append(name)
-            assert set(cascade) <= CASCADE_FIELDS and "stage1" in cascade, name
-            for stage in ("stage1", "stage2"):
-                value = cascade.get(stage)
-                if isinstance(value, dict):
-                    assert set(value) <= STAGE_FIELDS and "model" in value, name
-                    assert value.get("kind", "flashrank") in KINDS, name
-    assert {"english", "multilingual", "cpu-fast"} <= set(names)
+        for cascade in parse_cascades(tomllib.loads(block), Settings(), "docs/models.md"):
+            names.append(cascade.name)
+            for _, stage in cascade.stages():
+                assert stage.kind is None or stage.kind in RUNNER_KINDS, cascade.name
+    assert {"english", "multilingual", "cpu-fast", "products"} <= set(names)
+
+
+def test_every_kind_is_in_the_kinds_table() -> None:
+    text = DOC.read_text()
+    for kind in RUNNER_KINDS:
+        assert f"| `{kind}` |" in text, kind
 
 
 def test_every_flashrank_model_and_onnx_file_is_named() -> None:

@@ -14,10 +14,11 @@ import pytest
 from reranker_server import errors
 from reranker_server.api.errors import STATUS_BY_ERROR, status_of
 from reranker_server.app import RerankerApp, create_app
-from reranker_server.devices import Accelerator, GpuGate
+from reranker_server.devices import GpuGate
 from reranker_server.engine.engine import Engine
 from reranker_server.runners import registry
-from reranker_server.runners.base import Pair, PairwiseRunner, Runner
+from reranker_server.runners.base import Pair, PairwiseRunner
+from reranker_server.runners.kind import modelless_kind
 from reranker_server.service import RerankService
 from reranker_server.settings import Settings
 from reranker_server.types import RerankJob
@@ -187,14 +188,15 @@ class ShortestFirst(PairwiseRunner):
         return [1.0 / (1 + len(document)) for _, document in pairs]
 
 
-def load_shortest_first(model: str, _settings: Settings, _acc: Accelerator | None) -> Runner:
-    return ShortestFirst(model)
+SHORTEST_FIRST = modelless_kind(
+    "shortest-first", lambda spec, _target: ShortestFirst(spec.model), stage1=False
+)
 
 
 def test_a_runner_kind_added_through_the_registry_is_served_end_to_end(
     make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(registry.RUNNER_KINDS, "shortest-first", load_shortest_first)
+    monkeypatch.setitem(registry.RUNNER_KINDS, "shortest-first", SHORTEST_FIRST)
     settings = make_settings(
         stage2_kind="shortest-first", stage2_model="demo", stage2_on_cpu=True, candidates=4
     )
@@ -213,7 +215,7 @@ def test_an_unknown_runner_kind_is_one_line_naming_the_kinds(
     make_settings: Callable[..., Settings],
 ) -> None:
     with pytest.raises(errors.ModelLoadError, match=r"unknown runner kind 'nope'.*flashrank"):
-        registry.load_runner("nope", "x", make_settings())
+        registry.kind_of("nope")
 
 
 # --- the service without HTTP (a notebook, the CLI)

@@ -20,22 +20,61 @@ from reranker_server.model_generator import STAGE1_FILE, TestModelPaths
 from reranker_server.model_store import (
     COMPLETE_MARKER,
     CpuFeatures,
+    ModelStore,
     choose_onnx_file,
     cpu_features,
-    hub_patterns,
-    infer_stage2_kind,
     model_files,
+    onnx_patterns,
     resolve_stage1,
-    resolve_stage2,
 )
 from reranker_server.runners.cross_encoder import CrossEncoderRunner
 from reranker_server.runners.flashrank import FlashRankRunner
 from reranker_server.runners.onnx_cross_encoder import OnnxCrossEncoderRunner
+from reranker_server.runners.registry import infer_kind, kind_of
+from reranker_server.specs import StageSpec
 
 from .conftest import free_port
 from .hub_server import FakeHub
 
 NAME = "ms-marco-MiniLM-L-12-v2"
+
+
+def resolve_stage2(
+    name: str,
+    cache_dir: Path,
+    *,
+    offline: bool,
+    timeout_s: float,
+    endpoint: str | None = None,
+    kind: str = "cross-encoder",
+    onnx_file: str = "auto",
+) -> str:
+    """A stage-2 model's files, fetched by its kind as the server does."""
+    store = ModelStore(cache_dir, offline=offline, timeout_s=timeout_s, hub_endpoint=endpoint)
+    spec = StageSpec(model=name, kind=kind, onnx_file=onnx_file)
+    return str(kind_of(kind).fetch(spec, store))
+
+
+def hub_patterns(
+    names: list[str],
+    kind: str,
+    *,
+    onnx_file: str = "auto",
+    trust_remote_code: bool = False,
+    cpu: CpuFeatures | None = None,
+) -> tuple[list[str], list[str]]:
+    """What a kind downloads from a repository listing `names` (`cpu`: for that CPU)."""
+    if cpu is not None:
+        assert kind == "onnx-cross-encoder"
+        return onnx_patterns(names, onnx_file=onnx_file, cpu=cpu)
+    spec = StageSpec(
+        model="org/x", kind=kind, onnx_file=onnx_file, trust_remote_code=trust_remote_code
+    )
+    return kind_of(kind).hub_patterns(names, spec)
+
+
+def infer_stage2_kind(names: list[str]) -> str:
+    return infer_kind("org/x", names, 2)
 
 
 class ModelHost:
@@ -369,7 +408,7 @@ def test_the_kind_follows_the_files() -> None:
     assert infer_stage2_kind(MINILM_L6) == "cross-encoder"
     assert infer_stage2_kind(BIN_ONLY) == "cross-encoder"
     assert infer_stage2_kind(XENOVA) == "onnx-cross-encoder"
-    assert infer_stage2_kind(["config.json", "README.md"]) is None
+    assert infer_stage2_kind(["config.json", "README.md"]) == "cross-encoder"  # nothing known
 
 
 @pytest.fixture
@@ -440,7 +479,7 @@ def test_a_model_without_what_its_kind_runs_names_the_files_found(
         resolve_stage2(str(model_matrix["onnx/bert"]), tmp_path, offline=True, timeout_s=1)
     message = str(info.value)
     assert "\n" not in message and "onnx/model.onnx" in message and "tokenizer.json" in message
-    assert 'kind = "onnx-cross-encoder"' in message
+    assert '"onnx-cross-encoder" (RERANKER_STAGE2_KIND; a cascades file: stage2.kind)' in message
     with pytest.raises(ModelLoadError) as info:  # torch weights only, asked to run ONNX
         resolve_stage2(
             str(model_matrix["bert"]),

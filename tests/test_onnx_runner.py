@@ -67,7 +67,7 @@ def test_a_model_with_a_chat_template_is_refused_in_one_line(
         OnnxCrossEncoderRunner(export)
     message = str(info.value)
     assert "\n" not in message and "chat template" in message
-    assert 'kind = "cross-encoder"' in message
+    assert 'kind to "cross-encoder" (RERANKER_STAGE2_KIND; a cascades file: stage2.kind)' in message
 
 
 def test_a_directory_without_onnx_files_names_what_it_holds(

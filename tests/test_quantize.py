@@ -17,7 +17,7 @@ import pytest
 from reranker_server.cascade_file import parse_cascades
 from reranker_server.cli import build_parser, main
 from reranker_server.model_generator import TestModelPaths
-from reranker_server.model_store import CpuFeatures, choose_onnx_file, infer_stage2_kind
+from reranker_server.model_store import CpuFeatures, choose_onnx_file
 from reranker_server.quantize import (
     REPORT_FILE,
     QuantizeResult,
@@ -28,6 +28,7 @@ from reranker_server.quantize import (
 )
 from reranker_server.runners.flashrank import FlashRankRunner
 from reranker_server.runners.onnx_cross_encoder import OnnxCrossEncoderRunner
+from reranker_server.runners.registry import infer_kind
 from reranker_server.settings import Settings
 
 from .test_startup import env_for
@@ -63,7 +64,7 @@ def test_the_output_is_an_onnx_export_for_this_cpu(quantized: QuantizeResult) ->
     assert {"onnx/model.onnx", quantized.int8_file, f"onnx/{stem}_fused.onnx"} <= set(names)
     assert {"tokenizer.json", "config.json", "special_tokens_map.json"} <= set(names)
     assert not [n for n in names if n.endswith((".safetensors", ".bin"))]  # torch-free to serve
-    assert infer_stage2_kind(names) == "onnx-cross-encoder"
+    assert infer_kind(str(out), names, 2) == "onnx-cross-encoder"
     assert choose_onnx_file(names) == quantized.int8_file  # what `auto` runs here
     assert not list(out.parent.glob(".int8-*"))  # the work directory was renamed into place
 
@@ -161,7 +162,7 @@ def test_the_command_writes_and_reports(
     stem = int8_stem(_this_cpu())
     assert f"onnx/{stem}.onnx: same top-10 order " in printed
     assert "onnx/model.onnx: same top-10 order 1/1, top-10 in common 100%" in printed
-    assert f"RERANKER_STAGE2_MODEL={out} RERANKER_STAGE2_KIND=onnx-cross-encoder" in printed
+    assert f"RERANKER_STAGE2_MODEL={out} reranker-server serve" in printed
     assert (out / "onnx" / f"{stem}.onnx").is_file()
 
 
@@ -200,8 +201,8 @@ def test_quantize_without_torch_is_one_line(torch_free_site: Path, tmp_path: Pat
 def test_the_output_is_served_as_stage_2_on_the_cpu_without_torch(
     torch_free_site: Path, tiny_models: TestModelPaths, quantized: QuantizeResult, tmp_path: Path
 ) -> None:
-    """The settings the command prints, on a host without a GPU and without torch: stage 2
-    runs the int8 file on the CPU."""
+    """What the command prints (RERANKER_STAGE2_MODEL=OUT: no kind, no device setting), on a
+    host without a GPU and without torch: stage 2 runs the int8 file on the CPU."""
     env = torch_free_env(
         torch_free_site,
         env_for(
@@ -209,8 +210,6 @@ def test_the_output_is_served_as_stage_2_on_the_cpu_without_torch(
             tmp_path,
             RERANKER_DEVICE="auto",
             RERANKER_STAGE2_MODEL=str(quantized.directory),
-            RERANKER_STAGE2_KIND="onnx-cross-encoder",
-            RERANKER_STAGE2_ON_CPU="true",
             RERANKER_CANDIDATES="3",
         ),
     )
@@ -251,8 +250,9 @@ def test_the_cpu_host_preset_in_the_docs_is_served_without_torch(
     args = build_parser().parse_args(tokens[1:])
     assert args.command == "quantize" and f'"{tokens[3]}"' in block  # the cascade uses its output
     (preset,) = parse_cascades(tomllib.loads(block), Settings(), "docs/cascades.md")
-    assert (preset.stage2_kind, preset.stage2_on_cpu) == ("onnx-cross-encoder", True)
-    stage1_name = preset.stage1
+    assert preset.stage2 is not None  # kind and device left to inference and the kind's policy
+    assert (preset.stage2.kind, preset.stage2.device) == (None, "auto")
+    stage1_name = preset.stage1.model
     served = block.replace(f'"{stage1_name}"', f'"{tiny_models.stage1}"').replace(
         f'"{tokens[3]}"', f'"{quantized.directory}"'
     )

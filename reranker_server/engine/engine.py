@@ -19,11 +19,11 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from ..devices import GpuGate
 from ..errors import InferenceError, InvalidRequestError, RerankerError, raise_if_cancelled
-from ..runners.base import Runner
+from ..runners.base import Runner, runner_stats, score
 from ..types import (
     Backend,
     CacheStatus,
@@ -68,7 +68,8 @@ def _rank(scores: Sequence[float]) -> list[int]:
 
 
 def _runner_status(runner: Runner) -> RunnerStatus:
-    return RunnerStatus(runner.name, runner.device, runner.precision, tuple(runner.stats().items()))
+    stats = tuple(runner_stats(runner).items())
+    return RunnerStatus(runner.name, runner.device, runner.precision, stats)
 
 
 def _checked(scores: list[float], expected: int, runner: Runner) -> list[float]:
@@ -97,6 +98,7 @@ class Engine:
         lanes: Mapping[str, Lane] | None = None,
         stage1_mode: Stage1Mode = "always",
         costs: StageCosts | None = None,
+        stage2_home: Literal["gpu", "cpu"] | None = "gpu",
     ) -> None:
         """`cache`: score cache (None: none). `cache_namespaces`: "stage1", "stage2_gpu",
         "stage2_cpu" -> namespace naming the model identity and its settings (the loader passes
@@ -107,7 +109,10 @@ class Engine:
         runs stage 2 on the GPU (None: the CPU one). `lanes`: role -> batch policy (default:
         the runner's own `max_pairs` and `batch_tokens`). `stage1_mode`: `always` runs the
         cascade, `auto` lets each request skip stage 1 when the GPU is estimated sooner, from
-        `costs` (seconds per token per stage, fed by every request; engine/plan.py)."""
+        `costs` (seconds per token per stage, fed by every request; engine/plan.py).
+        `stage2_home`: where the configuration means stage 2 to run ("cpu": an answer from
+        `stage2_cpu` is no fallback; "gpu": not running there is one, `no_gpu` and the rest;
+        None: no stage 2 is configured, so stage 1 alone is no fallback)."""
         self.stage1 = stage1
         self.stage2_gpu = stage2_gpu
         self.stage2_cpu = stage2_cpu
@@ -131,6 +136,7 @@ class Engine:
         self._lanes = dict(lanes or {})
         self.stage1_mode = stage1_mode
         self.costs = costs if costs is not None else StageCosts()
+        self.stage2_home = stage2_home
 
     def _lane(self, role: str, runner: Runner) -> Lane:
         if role not in self._lanes:
@@ -155,7 +161,7 @@ class Engine:
         scheduler = self.gpu_scheduler if role == "stage2_gpu" else self.scheduler
         if scheduler is None:  # the runner's own count of the tokens, as the scheduler's
             tokens = sum(runner.length(item) for item in runner.prepare(pairs))
-            return Scored(runner.score(query, list(texts)), tokens, 0.0)
+            return Scored(score(runner, query, list(texts)), tokens, 0.0)
         return scheduler.score(
             self._lane(role, runner),
             pairs,
@@ -374,7 +380,8 @@ class Engine:
             )
             for i in order[:top_k]
         ]
-        backend: Backend = "gpu" if scores is not None and fallback is None else "cpu"
+        ran_on_gpu = scores is not None and fallback is None and self.stage2_home == "gpu"
+        backend: Backend = "gpu" if ran_on_gpu else "cpu"
         return RerankOutcome(
             results=results,
             backend=backend,
@@ -405,7 +412,9 @@ class Engine:
         Returns the scores (None when stage 2 did not run) and why the GPU was not used.
         `gpu_fault`: the GPU already failed this request; don't try it again.
         """
-        fallback: FallbackReason | None = gpu_fault or "no_gpu"
+        fallback: FallbackReason | None = gpu_fault or (
+            "no_gpu" if self.stage2_home == "gpu" else None
+        )
         if gpu_fault is None and self.stage2_gpu is not None:
             fallback = self.gate.check(probe=self._probe)
             if fallback is None:

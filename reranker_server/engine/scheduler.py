@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ..errors import RequestCancelledError, RequestTimeoutError, raise_if_cancelled
-from ..runners.base import Pair, PairwiseRunner, Runner
+from ..runners.base import Pair, PairwiseRunner, Runner, runner_stats, score_pairs
 from ..types import Cancellation, SchedulerStatus, next_arrival
 
 logger = logging.getLogger(__name__)
@@ -66,14 +66,14 @@ class RunnerCopies(PairwiseRunner):
     def score_pairs(self, pairs: Sequence[Pair]) -> list[float]:
         runner, lock = self._take()
         try:
-            return runner.score_pairs(pairs)
+            return score_pairs(runner, pairs)
         finally:
             lock.release()
 
     def stats(self) -> dict[str, float]:
         totals: dict[str, float] = {}
         for runner, _ in self._copies:
-            for key, value in runner.stats().items():
+            for key, value in runner_stats(runner).items():
                 totals[key] = totals.get(key, 0.0) + value
         return totals
 

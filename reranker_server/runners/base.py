@@ -11,9 +11,12 @@ requests can share one model call:
 - `length(item)`: the item's tokens, which bound the batch (`max_pairs`, `batch_tokens`);
 - `run(items)`: one model call over items the scheduler grouped; one score per item.
 
-`PairwiseRunner` gives all of that to a runner that only knows how to score pairs
-(`score_pairs`): items are the pairs themselves, lengths are estimated from words. Stage 1 also
-needs a tokenizer for long documents (`TokenizingRunner`, engine/windows.py).
+Scoring a whole request outside the scheduler (warm-up, readiness) is a function over those
+steps (`score`, `score_pairs`), not a member. `PairwiseRunner` gives the steps to a runner that
+only knows how to score pairs (`score_pairs`, which batches itself): items are the pairs
+themselves, lengths are estimated from words. Stage 1 also needs a tokenizer for long documents
+(`TokenizingRunner`, engine/windows.py). A runner kind (kind.py) builds a runner from its
+StageSpec.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ Pair = tuple[str, str]
 
 @runtime_checkable
 class Runner(Protocol):
-    """Scores (query, document) pairs with one model."""
+    """Scores (query, document) pairs with one model: identity, batch bounds, three steps."""
 
     name: str  # what clients see: a hub id or a directory's last part, never a local path
     device: str  # "cpu", "cuda:0", ...
@@ -51,17 +54,61 @@ class Runner(Protocol):
         """One score per item, in order; the items fit `max_pairs` and `batch_tokens`."""
         ...
 
-    def score_pairs(self, pairs: Sequence[Pair]) -> list[float]:
-        """Scores of any number of pairs (the runner batches them itself)."""
-        ...
 
-    def score(self, query: str, documents: Sequence[str]) -> list[float]:
-        """Scores of one query's documents."""
-        ...
+# Optional: `stats() -> dict[str, float]`, counters for metrics (e.g. `oom_retries`).
 
-    def stats(self) -> dict[str, float]:
-        """Counters for metrics (e.g. `oom_retries`); empty when there are none."""
-        ...
+
+def runner_stats(runner: Runner) -> dict[str, float]:
+    """The runner's counters for metrics (empty when it keeps none)."""
+    stats = getattr(runner, "stats", None)
+    return dict(stats()) if callable(stats) else {}
+
+
+def plan_batches(
+    lengths: Sequence[int], batch_tokens: int, max_pairs: int | None = None
+) -> list[list[int]]:
+    """Group positions into batches, longest first, each at most `batch_tokens` padded tokens
+    and `max_pairs` items.
+
+    Sorting by length keeps padding small; every batch holds at least one item.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for position in order:
+        length = lengths[position]
+        width = max(longest, length)
+        full = max_pairs is not None and len(current) >= max_pairs
+        if current and (full or width * (len(current) + 1) > batch_tokens):
+            batches.append(current)
+            current, width = [], length
+        current.append(position)
+        longest = width
+    if current:
+        batches.append(current)
+    return batches
+
+
+def score_pairs(runner: Runner, pairs: Sequence[Pair]) -> list[float]:
+    """Scores of any number of pairs, in order: prepared, grouped into the runner's allowed
+    batches (length-sorted), run. A `PairwiseRunner` batches itself: its `score_pairs`."""
+    if not pairs:
+        return []
+    if isinstance(runner, PairwiseRunner):
+        return [float(s) for s in runner.score_pairs(pairs)]
+    items = runner.prepare(pairs)
+    scores = [0.0] * len(items)
+    lengths = [runner.length(item) for item in items]
+    for batch in plan_batches(lengths, runner.batch_tokens, runner.max_pairs):
+        for position, value in zip(batch, runner.run([items[i] for i in batch]), strict=True):
+            scores[position] = float(value)
+    return scores
+
+
+def score(runner: Runner, query: str, documents: Sequence[str]) -> list[float]:
+    """Scores of one query's documents."""
+    return score_pairs(runner, [(query, document) for document in documents])
 
 
 @runtime_checkable

@@ -31,12 +31,20 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import ModelLoadError
-from ..extras import require_torch
+from ..extras import TORCH_EXTRA, missing_torch_modules, require_torch
+from ..model_store import (
+    ModelStore,
+    check_torch_dir,
+    resolve_hub_model,
+    torch_weight_patterns,
+    weight_files,
+)
 from .base import Pair, PairwiseRunner
+from .kind import LoadTarget, RunnerKind
 
 if TYPE_CHECKING:
     from ..devices import Accelerator
-    from ..settings import Settings
+    from ..specs import StageSpec
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +75,7 @@ class CrossEncoderRunner(PairwiseRunner):
         name: str | None = None,
         instruction: str | None = None,
     ) -> None:
-        require_torch('stage 2 kind "cross-encoder" (sentence-transformers)')
+        require_torch('kind "cross-encoder" (sentence-transformers)')
         import torch
         from sentence_transformers import CrossEncoder
 
@@ -192,34 +200,68 @@ def _identity(scores):  # type: ignore[no-untyped-def]
     return scores
 
 
-def load(model: str, settings: Settings, accelerator: Accelerator | None) -> CrossEncoderRunner:
-    """The `cross-encoder` runner kind: a sentence-transformers cross-encoder (hub id, fetched
-    into the cache, or directory); on the GPU in `stage2_precision` when an accelerator is given,
-    else on the CPU in `stage2_cpu_precision`."""
-    from ..model_store import stage2_path
+WHAT = "kind cross-encoder"
 
-    path = stage2_path(settings, model=model)
+
+def _fetch(spec: StageSpec, store: ModelStore) -> Path:
+    return resolve_hub_model(
+        spec.model,
+        store,
+        what=f"model ({WHAT})",
+        patterns=lambda names: _patterns(names, spec),
+        check=lambda directory: check_torch_dir(directory, WHAT),
+    )
+
+
+def _patterns(names: Sequence[str], spec: StageSpec) -> tuple[list[str], list[str]]:
+    return torch_weight_patterns(names, trust_remote_code=spec.trust_remote_code)
+
+
+def _load(spec: StageSpec, store: ModelStore, target: LoadTarget) -> CrossEncoderRunner:
+    """A sentence-transformers cross-encoder (hub id, fetched into the cache, or directory); on
+    the GPU in `precision` when the target has an accelerator, else on the CPU in
+    `cpu_precision`."""
+    require_torch('kind "cross-encoder" (sentence-transformers)')
+    path = _fetch(spec, store)
+    accelerator = target.accelerator
     try:
         return CrossEncoderRunner(
-            path,
+            str(path),
             accelerator=accelerator,
-            batch_size=settings.stage2_batch_size,
-            max_length=settings.max_length,
-            threads=settings.threads_per_worker(),
-            precision=(
-                settings.stage2_precision
-                if accelerator is not None
-                else settings.stage2_cpu_precision
-            ),
-            vram_fraction=settings.stage2_vram_fraction,
-            trust_remote_code=settings.trust_remote_code,
-            name=Path(model).name if Path(model).expanduser().is_dir() else model,
-            instruction=settings.stage2_instruction or None,
+            batch_size=spec.batch_size,
+            max_length=spec.max_length,
+            threads=target.threads,
+            precision=spec.precision if accelerator is not None else spec.cpu_precision,
+            vram_fraction=spec.vram_fraction,
+            trust_remote_code=spec.trust_remote_code,
+            name=Path(spec.model).name if Path(spec.model).expanduser().is_dir() else spec.model,
+            instruction=spec.instruction or None,
         )
-    except ModelLoadError:  # one line already (torch missing, a template that can't carry a pair)
+    except ModelLoadError:  # one line already (a template that can't carry a pair)
         raise
     except Exception as exc:
         raise ModelLoadError(
-            f"stage-2 model {path} could not be loaded ({type(exc).__name__}: {exc}); fix: "
-            "point RERANKER_STAGE2_MODEL at a sentence-transformers cross-encoder"
+            f"model {path} ({WHAT}) could not be loaded ({type(exc).__name__}: {exc}); fix: "
+            "point the stage's model at a sentence-transformers cross-encoder"
         ) from exc
+
+
+def _claims(names: Sequence[str]) -> bool:
+    """Torch weights (safetensors or pytorch_model.bin) beside a config."""
+    return bool(weight_files(names)) and "config.json" in names
+
+
+KIND = RunnerKind(
+    name="cross-encoder",
+    load=_load,
+    fetch=_fetch,
+    check_directory=lambda directory, spec: check_torch_dir(directory, WHAT),
+    claims=_claims,
+    devices=("cpu", "cuda"),
+    stage1=False,
+    hub_patterns=_patterns,
+    missing_extras=missing_torch_modules,
+    extra_fix=f"{TORCH_EXTRA} (on a CPU-only host `pip install torch==2.13.0` first), or run "
+    "stage 2 on the CPU without torch: kind onnx-cross-encoder (RERANKER_STAGE2_KIND; a cascades "
+    "file: stage2.kind; docs/models.md)",
+)

@@ -12,29 +12,37 @@ also no slower than padded batches (bench/RESULTS.md): throughput comes from run
 several cores at once (engine/scheduler.py), not from batching. A model without dynamic
 quantization (fp32) runs in length-sorted batches of at most `batch_tokens` padded tokens.
 
-Pre / core / post: `prepare` tokenizes (in the request's thread), `run` pads and runs one batch.
+Pre / core / post: `prepare` tokenizes (in the request's thread), `run` pads and runs one batch
+(onnx_base.py, shared with the ONNX cross-encoder).
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnxruntime as ort
 from tokenizers import AddedToken, Encoding, Tokenizer
 
 from ..errors import ModelLoadError
-from ..types import TextTokens
-from .onnx_inputs import padded_inputs
+from ..model_store import (
+    FLASHRANK_REQUIRED,
+    FlashRankFiles,
+    ModelStore,
+    flashrank_files,
+    flashrank_model_files,
+    listwise_flashrank_models,
+    weight_files,
+)
+from .base import plan_batches
+from .kind import LoadTarget, RunnerKind
+from .onnx_base import OnnxPairRunner, cpu_session, quantizes_per_batch
 from .pair_template import PairIds, PairTemplate
 
 if TYPE_CHECKING:
-    from ..devices import Accelerator
-    from ..settings import Settings
+    from ..specs import StageSpec
 
 
 def load_flashrank_tokenizer(directory: Path, max_length: int) -> tuple[Tokenizer, int]:
@@ -69,50 +77,9 @@ def _json_or_empty(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def quantizes_per_batch(onnx_file: Path) -> bool:
-    """Whether the model quantizes activations with one scale per batch (DynamicQuantizeLinear).
-
-    The op type is stored as plain bytes in the ONNX protobuf, so a byte search finds it without
-    the `onnx` package; a false positive would only make batches smaller.
-    """
-    with (
-        onnx_file.open("rb") as handle,
-        mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data,
-    ):
-        return data.find(b"DynamicQuantizeLinear") >= 0
-
-
-def plan_batches(
-    lengths: Sequence[int], batch_tokens: int, max_pairs: int | None = None
-) -> list[list[int]]:
-    """Group positions into batches, longest first, each at most `batch_tokens` padded tokens
-    and `max_pairs` items.
-
-    Sorting by length keeps padding small; every batch holds at least one item.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for position in order:
-        length = lengths[position]
-        width = max(longest, length)
-        full = max_pairs is not None and len(current) >= max_pairs
-        if current and (full or width * (len(current) + 1) > batch_tokens):
-            batches.append(current)
-            current, width = [], length
-        current.append(position)
-        longest = width
-    if current:
-        batches.append(current)
-    return batches
-
-
-class FlashRankRunner:
+class FlashRankRunner(OnnxPairRunner):
     """Scores pairs with a FlashRank ONNX cross-encoder on the CPU (the runner contract,
-    runners/base.py, with a tokenizer for long documents)."""
-
-    device = "cpu"
+    runners/base.py, with a tokenizer for long documents; the ONNX steps: onnx_base.py)."""
 
     def __init__(
         self,
@@ -124,43 +91,15 @@ class FlashRankRunner:
         threads: int = 1,
     ) -> None:
         self.name = directory.name
-        self.files: Path | None = directory
-        self._batch_tokens = batch_tokens
-        self._tokenizer, self._pad_id = load_flashrank_tokenizer(directory, max_length)
-        truncation = self._tokenizer.truncation or {}
-        self.max_length: int = int(truncation.get("max_length", max_length))  # query + document
-        self.pair_special_tokens: int = self._tokenizer.num_special_tokens_to_add(True)
-        self._untruncated = Tokenizer.from_str(self._tokenizer.to_str())
-        self._untruncated.no_truncation()
-        self._template = PairTemplate.learn(self._tokenizer)
+        self.files = directory
+        tokenizer, pad_id = load_flashrank_tokenizer(directory, max_length)
+        self._start(tokenizer, pad_id, cpu_session(onnx_file, threads), onnx_file, batch_tokens)
+        self.precision = "int8" if self.max_pairs == 1 else "fp32"
+        self._template = PairTemplate.learn(tokenizer)
         # BERT's pre-tokenizer splits words on whitespace and punctuation alone, so a text cut
         # at word boundaries tokenizes as that slice of its tokens: windows reuse their ids.
         # (A sentencepiece tokenizer marks a text's first word: its windows are tokenized.)
-        self.word_local_tokens: bool = _pre_tokenizer(self._tokenizer) == "BertPreTokenizer"
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # No arena: ONNX Runtime's would keep the largest batch's activations for good; freed
-        # to malloc they go back to the system with the rest (memory.py). Measured: no slower
-        # (one 512-token pair: 470 vs 506 ms, 30 words: 23.5 vs 23.2 ms, full-size int8 model).
-        options.enable_cpu_mem_arena = False
-        self._session = ort.InferenceSession(
-            str(onnx_file), sess_options=options, providers=["CPUExecutionProvider"]
-        )
-        self._input_names = {i.name for i in self._session.get_inputs()}
-        self.batch_tokens = batch_tokens
-        per_batch = quantizes_per_batch(onnx_file)
-        self.precision = "int8" if per_batch else "fp32"
-        self.max_pairs = 1 if per_batch else max(1, batch_tokens // 16)
-
-    def tokenize(self, query: str, documents: Sequence[str]) -> list[Encoding]:
-        """Encode (query, document) pairs, truncated, unpadded."""
-        return self.prepare([(query, doc) for doc in documents])
-
-    def prepare(self, pairs: Sequence[tuple[str, str]]) -> list[Encoding]:
-        """Encode pairs, truncated, unpadded (the scheduler's pre step)."""
-        return list(self._tokenizer.encode_batch(list(pairs)))
+        self.word_local_tokens: bool = _pre_tokenizer(tokenizer) == "BertPreTokenizer"
 
     def prepare_tokens(
         self,
@@ -200,63 +139,60 @@ class FlashRankRunner:
             e.ids for e in self._untruncated.encode_batch(list(texts), add_special_tokens=False)
         ]
 
-    @staticmethod
-    def length(encoding: Encoding | PairIds) -> int:
-        return len(encoding.ids)
-
-    def run(self, encodings: Sequence[Encoding | PairIds]) -> list[float]:
-        """Scores of encodings the caller grouped into one allowed batch."""
-        return [float(s) for s in self._forward(encodings)]
-
-    def encode_texts(self, texts: Sequence[str]) -> list[TextTokens]:
-        """Each text alone, untruncated, without special tokens: token spans and words (the
-        engine cuts long documents into windows with these, see engine/windows.py)."""
-        encodings = self._untruncated.encode_batch(list(texts), add_special_tokens=False)
-        return [TextTokens(e.offsets, e.word_ids, e.ids) for e in encodings]
-
-    def score(self, query: str, documents: Sequence[str]) -> list[float]:
-        return self.score_pairs([(query, doc) for doc in documents])
-
-    def stats(self) -> dict[str, float]:
-        return {}
-
-    def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
-        if not pairs:
-            return []
-        encodings = self.prepare(pairs)
-        scores = np.empty(len(encodings), dtype=np.float32)
-        lengths = [len(e.ids) for e in encodings]
-        for batch in plan_batches(lengths, self._batch_tokens, self.max_pairs):
-            scores[batch] = self._forward([encodings[i] for i in batch])
-        return [float(s) for s in scores]
-
-    def _forward(self, encodings: Sequence[Encoding | PairIds]) -> np.ndarray:
-        feed = padded_inputs(encodings, self._pad_id, self._input_names)
-        logits = self._session.run(None, feed)[0]
-        # The same arithmetic as flashrank.Ranker.rerank, in float32.
+    def head(self, logits: np.ndarray) -> np.ndarray:
+        """The same arithmetic as flashrank.Ranker.rerank, in float32."""
         if logits.shape[1] == 1:
             return np.asarray(1 / (1 + np.exp(-logits.flatten())), dtype=np.float32)
         exp_logits = np.exp(logits)
         return np.asarray(exp_logits[:, 1] / np.sum(exp_logits, axis=1), dtype=np.float32)
 
 
-def load(model: str, settings: Settings, accelerator: Accelerator | None) -> FlashRankRunner:
-    """The `flashrank` runner kind: a FlashRank model name (downloaded into the cache) or
-    directory, on the CPU whatever the accelerator."""
-    from ..model_store import stage1_files
-
-    files = stage1_files(settings, model)
+def _load(spec: StageSpec, store: ModelStore, target: LoadTarget) -> FlashRankRunner:
+    """A FlashRank model name (downloaded into the cache) or directory, on the CPU."""
+    files = _fetch_files(spec, store)
     try:
         return FlashRankRunner(
             files.directory,
             files.onnx_file,
-            max_length=settings.max_length,
-            batch_tokens=settings.stage1_batch_tokens,
-            threads=settings.threads_per_worker(),
+            max_length=spec.max_length,
+            batch_tokens=spec.batch_tokens,
+            threads=target.threads,
         )
     except Exception as exc:
         raise ModelLoadError(
             f"FlashRank model {files.onnx_file} could not be loaded ({type(exc).__name__}: "
-            f"{exc}); fix: delete the directory to download it again, or point "
-            "RERANKER_STAGE1_MODEL at a valid FlashRank model"
+            f"{exc}); fix: delete the directory to download it again, or point the stage's "
+            "model at a valid FlashRank model"
         ) from exc
+
+
+def _fetch_files(spec: StageSpec, store: ModelStore) -> FlashRankFiles:
+    return flashrank_files(spec.model, store)
+
+
+def _check_directory(directory: Path, spec: StageSpec) -> None:
+    flashrank_files(str(directory), ModelStore(offline=True))
+
+
+def _claims(names: Sequence[str]) -> bool:
+    """FlashRank's layout: an ONNX file at the top beside FlashRank's tokenizer files."""
+    top_onnx = any(n.endswith(".onnx") and "/" not in n for n in names)
+    return top_onnx and all(n in names for n in FLASHRANK_REQUIRED) and not weight_files(names)
+
+
+def _known_name(model: str) -> bool:
+    return model in flashrank_model_files() or model in listwise_flashrank_models()
+
+
+KIND = RunnerKind(
+    name="flashrank",
+    load=_load,
+    fetch=lambda spec, store: _fetch_files(spec, store).directory,
+    check_directory=_check_directory,
+    claims=_claims,
+    known_name=_known_name,
+    devices=("cpu",),
+)
+
+
+__all__ = ["KIND", "FlashRankRunner", "plan_batches", "quantizes_per_batch"]
