@@ -248,13 +248,13 @@ def test_the_cpu_host_preset_in_the_docs_is_served_without_torch(
     )
     tokens = shlex.split(command)
     args = build_parser().parse_args(tokens[1:])
-    assert args.command == "quantize" and f'"{tokens[3]}"' in block  # the cascade uses its output
+    assert args.command == "quantize" and f'"{args.model}"' in block  # the model it quantizes
     (preset,) = parse_cascades(tomllib.loads(block), Settings(), "docs/cascades.md")
-    assert preset.stage2 is not None  # kind and device left to inference and the kind's policy
-    assert (preset.stage2.kind, preset.stage2.device) == (None, "auto")
+    assert preset.stage2 is not None  # the device is left to the kind's policy
+    assert (preset.stage2.kind, preset.stage2.device) == ("onnx-cross-encoder", "auto")
     stage1_name = preset.stage1.model
     served = block.replace(f'"{stage1_name}"', f'"{tiny_models.stage1}"').replace(
-        f'"{tokens[3]}"', f'"{quantized.directory}"'
+        f'"{args.model}"', f'"{quantized.directory}"'
     )
     cascades = tmp_path / "cascades.toml"
     cascades.write_text(served, encoding="utf-8")
