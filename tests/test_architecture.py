@@ -19,6 +19,7 @@ ML_ALLOWED = (
     "reranker_server.runners",
     "reranker_server.devices",
     "reranker_server.model_generator",
+    "reranker_server.quantize",  # exports with torch, quantizes with ONNX Runtime
 )
 
 
