@@ -58,6 +58,16 @@ class Settings(BaseSettings):
         description="ONNX kinds: the file to run: auto (the int8 file for this CPU), fp32 "
         "(model.onnx), or a file name.",
     )
+    stage1_onnx_graph: Literal["exact", "fast"] = Field(
+        "exact",
+        description="Stage 1's ONNX graph: exact (FlashRank's scores) or fast (~1.13x the pairs "
+        "per CPU second; scores drift, docs/models.md).",
+    )
+    stage2_onnx_graph: Literal["exact", "fast"] = Field(
+        "exact",
+        description="Stage 2's ONNX graph (ONNX kinds): exact or fast (~1.13x the pairs per CPU "
+        "second; scores drift, docs/models.md).",
+    )
     stage2_instruction: str = Field(
         "",
         description="Instruction for LLM-based rerankers whose chat template takes one "

@@ -71,6 +71,11 @@ class StageSpec(BaseModel):
     onnx_file: str = Field(
         "auto", min_length=1, description="ONNX kinds: auto (int8 for this CPU), fp32, or a file."
     )
+    onnx_graph: Literal["exact", "fast"] = Field(
+        "exact",
+        description="ONNX kinds: exact (ONNX Runtime's default graph: FlashRank's scores) or fast "
+        "(runners/onnx_graph.py: ~1.13x the pairs per CPU second, scores drift; docs/models.md).",
+    )
     instruction: str = Field("", description="Instruction for LLM rerankers (empty: default).")
     trust_remote_code: bool = Field(
         False, description="Let the model repository run its own Python code."
@@ -122,6 +127,7 @@ ENV_NAMES: dict[tuple[int, str], str] = {
     (1, "kind"): "RERANKER_STAGE1_KIND",
     (1, "max_length"): "RERANKER_MAX_LENGTH",
     (1, "batch_tokens"): "RERANKER_STAGE1_BATCH_TOKENS",
+    (1, "onnx_graph"): "RERANKER_STAGE1_ONNX_GRAPH",
     (1, "trust_remote_code"): "RERANKER_TRUST_REMOTE_CODE",
     (2, "model"): "RERANKER_STAGE2_MODEL",
     (2, "kind"): "RERANKER_STAGE2_KIND",
@@ -134,6 +140,7 @@ ENV_NAMES: dict[tuple[int, str], str] = {
     (2, "batch_size"): "RERANKER_STAGE2_BATCH_SIZE",
     (2, "vram_fraction"): "RERANKER_STAGE2_VRAM_FRACTION",
     (2, "onnx_file"): "RERANKER_STAGE2_ONNX_FILE",
+    (2, "onnx_graph"): "RERANKER_STAGE2_ONNX_GRAPH",
     (2, "instruction"): "RERANKER_STAGE2_INSTRUCTION",
     (2, "trust_remote_code"): "RERANKER_TRUST_REMOTE_CODE",
 }
@@ -175,6 +182,7 @@ def default_cascade(settings: Settings) -> CascadeSpec:
     stage1 = {
         "model": settings.stage1_model,
         "kind": settings.stage1_kind or None,
+        "onnx_graph": settings.stage1_onnx_graph,
         **stage_defaults(settings, 1),
     }
     stage2 = None
@@ -183,6 +191,7 @@ def default_cascade(settings: Settings) -> CascadeSpec:
             "model": settings.stage2_model,
             "kind": settings.stage2_kind or None,
             "onnx_file": settings.stage2_onnx_file,
+            "onnx_graph": settings.stage2_onnx_graph,
             "instruction": settings.stage2_instruction,
             **stage_defaults(settings, 2),
         }

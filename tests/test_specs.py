@@ -99,6 +99,7 @@ def test_a_stage_table_inherits_the_settings_but_not_model_or_kind() -> None:
         ('stage2 = { model = "m", device = "gpu" }', "[cascades.a] stage2.device: must be auto"),
         ("stage2 = 5", "[cascades.a] stage2: must be a model name or a table"),
         ('onnx_file = "fp32"', "[cascades.a] onnx_file: unknown field (a stage's field"),
+        ('stage2 = { model = "m", onnx_graph = "turbo" }', "[cascades.a] stage2.onnx_graph:"),
     ],
 )
 def test_a_bad_stage_field_is_one_line_naming_it(table: str, expected: str) -> None:
@@ -117,14 +118,26 @@ def test_the_environment_builds_the_default_cascade_with_every_stage_variable() 
         stage2_instruction="x",
         stage2_on_cpu=True,
         max_length=64,
+        stage1_onnx_graph="fast",
+        stage2_onnx_graph="fast",
     )
     cascade = default_cascade(settings)
+    assert cascade.stage1.onnx_graph == "fast"
     assert cascade.stage2 is not None
     assert cascade.stage2.model_dump(
-        include={"kind", "onnx_file", "device", "instruction", "cpu_fallback", "max_length"}
+        include={
+            "kind",
+            "onnx_file",
+            "onnx_graph",
+            "device",
+            "instruction",
+            "cpu_fallback",
+            "max_length",
+        }
     ) == {
         "kind": "onnx-cross-encoder",
         "onnx_file": "model_int8.onnx",
+        "onnx_graph": "fast",
         "device": "cpu",
         "instruction": "x",
         "cpu_fallback": True,

@@ -89,11 +89,13 @@ class FlashRankRunner(OnnxPairRunner):
         max_length: int = 512,
         batch_tokens: int = 8192,
         threads: int = 1,
+        graph: str = "exact",
     ) -> None:
         self.name = directory.name
         self.files = directory
         tokenizer, pad_id = load_flashrank_tokenizer(directory, max_length)
-        self._start(tokenizer, pad_id, cpu_session(onnx_file, threads), onnx_file, batch_tokens)
+        session = cpu_session(onnx_file, threads, graph)
+        self._start(tokenizer, pad_id, session, onnx_file, batch_tokens)
         self.precision = "int8" if self.max_pairs == 1 else "fp32"
         self._template = PairTemplate.learn(tokenizer)
         # BERT's pre-tokenizer splits words on whitespace and punctuation alone, so a text cut
@@ -157,6 +159,7 @@ def _load(spec: StageSpec, store: ModelStore, target: LoadTarget) -> FlashRankRu
             max_length=spec.max_length,
             batch_tokens=spec.batch_tokens,
             threads=target.threads,
+            graph=spec.onnx_graph,
         )
     except Exception as exc:
         raise ModelLoadError(

@@ -20,6 +20,7 @@ import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
 from ..types import TextTokens
+from .onnx_graph import FAST_DISABLED_OPTIMIZERS, fast_options, unmasked
 from .onnx_inputs import padded_inputs
 from .pair_template import PairIds
 
@@ -37,8 +38,10 @@ def quantizes_per_batch(onnx_file: Path) -> bool:
         return data.find(b"DynamicQuantizeLinear") >= 0
 
 
-def cpu_session(onnx_file: Path, threads: int) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session: `threads` threads inside an operator, one call at a time.
+def cpu_session(onnx_file: Path, threads: int, graph: str = "exact") -> ort.InferenceSession:
+    """An ONNX Runtime CPU session: `threads` threads inside an operator, one call at a time;
+    `graph` "fast": the fast graph (onnx_graph.py; without the attention mask when every pair
+    runs alone, so never padded).
 
     No arena: ONNX Runtime's would keep the largest batch's activations for good; freed to
     malloc they go back to the system with the rest (memory.py). Measured: no slower (one
@@ -48,8 +51,17 @@ def cpu_session(onnx_file: Path, threads: int) -> ort.InferenceSession:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.enable_cpu_mem_arena = False
+    if graph == "exact":
+        return ort.InferenceSession(
+            str(onnx_file), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    fast_options(options)
+    model = (unmasked(onnx_file) if quantizes_per_batch(onnx_file) else None) or str(onnx_file)
     return ort.InferenceSession(
-        str(onnx_file), sess_options=options, providers=["CPUExecutionProvider"]
+        model,
+        sess_options=options,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=list(FAST_DISABLED_OPTIMIZERS),
     )
 
 

@@ -82,6 +82,7 @@ class OnnxCrossEncoderRunner(OnnxPairRunner):
         threads: int = 1,
         name: str | None = None,
         cpu: CpuFeatures | None = None,
+        graph: str = "exact",
     ) -> None:
         directory = Path(model_dir)
         check_onnx_dir(directory, WHAT, onnx_file=onnx_file, cpu=cpu)
@@ -109,7 +110,7 @@ class OnnxCrossEncoderRunner(OnnxPairRunner):
         tokenizer.no_padding()  # padding is per batch (onnx_inputs.py)
         tokenizer.enable_truncation(max_length=min(limits), strategy="longest_first")
         try:
-            session = cpu_session(self.onnx_file, threads)
+            session = cpu_session(self.onnx_file, threads, graph)
         except Exception as exc:
             raise ModelLoadError(
                 f"stage-2 ONNX file {self.onnx_file} could not be loaded ({type(exc).__name__}: "
@@ -174,6 +175,7 @@ def _load(spec: StageSpec, store: ModelStore, target: LoadTarget) -> OnnxCrossEn
             batch_tokens=spec.batch_tokens,
             threads=target.threads,
             name=display_name(spec.model),
+            graph=spec.onnx_graph,
         )
     except ModelLoadError:
         raise
