@@ -182,13 +182,6 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("model", help="a local directory or hub id of a CrossEncoder")
     quantize.add_argument("out", type=Path, help="where to write it (a new or empty directory)")
     quantize.add_argument(
-        "--fuse",
-        action="store_true",
-        help="also write onnx/<int8 name>_fused.onnx, quantized from the graph ONNX Runtime's "
-        "transformer optimizer fused (Attention, SkipLayerNorm, Gelu); a stage runs it with "
-        "onnx_file (docs/models.md)",
-    )
-    quantize.add_argument(
         "--parity-queries",
         type=int,
         default=10,
@@ -420,7 +413,6 @@ def _quantize(args: argparse.Namespace) -> int:
         result = quantize(
             args.model,
             args.out,
-            fused=args.fuse,
             parity_queries=args.parity_queries,
             trust_remote_code=args.trust_remote_code,
         )
@@ -443,8 +435,6 @@ def _quantize(args: argparse.Namespace) -> int:
     print(f"  (smallest gap between neighbouring top-11 fp32 scores: {gap:.1e})")
     print("serve it as stage 2 on the CPU (kind onnx-cross-encoder, no torch needed):")
     print(f"  RERANKER_STAGE2_MODEL={result.directory} reranker-server serve")
-    if result.fused_file is not None:
-        print(f'  the fused variant: onnx_file = "{result.fused_file}" (docs/models.md)')
     return 0
 
 

@@ -6,17 +6,14 @@ model that the torch-free `onnx-cross-encoder` kind serves on the CPU.
     OUT/onnx/<this CPU's int8 name>.onnx     dynamic int8 quantization of it (ONNX Runtime's
                                              `quantize_dynamic`), named as on the hub, so that
                                              `onnx_file = "auto"` picks it on this CPU
-    OUT/onnx/<int8 name>_fused.onnx          (--fuse) the same, quantized from the graph ONNX
-                                             Runtime's transformer optimizer fused (Attention,
-                                             SkipLayerNorm, Gelu): chosen with `onnx_file`
     OUT/quantize.json                        the parity report below
 
 The int8 file's name is the first of `model_store.onnx_preference` for this CPU (AVX-512 VNNI,
 AVX-512, AVX2 or ARM64; else the CPU-neutral `model_int8`); weights are unsigned for the AVX2
 name (`quint8`, whose kernels would saturate signed weights), signed otherwise.
 
-Parity: every written file scores generated queries and passages against the fp32 torch model
-(the source), reported as top-10 agreement and the largest score difference.
+Parity: the fp32 export and the int8 file score generated queries and passages against the
+fp32 torch model (the source), reported as top-10 agreement and the largest score difference.
 
 Exporting needs torch, transformers and sentence-transformers (the `torch` extra); serving the
 result does not. The output is written beside OUT and renamed into place when complete.
@@ -40,7 +37,6 @@ from .model_store import CpuFeatures, cpu_features, onnx_preference
 logger = logging.getLogger(__name__)
 
 EXPORT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-FUSED_SUFFIX = "_fused"
 REPORT_FILE = "quantize.json"
 PARITY_DOCUMENTS = 50  # passages per parity query (top 10 of 50)
 # The words parity queries and passages are made of (the generated test models' vocabulary, so
@@ -75,7 +71,6 @@ class Parity:
 class QuantizeResult:
     directory: Path
     int8_file: str  # relative to `directory`
-    fused_file: str | None
     parity: tuple[Parity, ...]
 
 
@@ -119,14 +114,7 @@ def quantize_int8(fp32: Path, path: Path, *, unsigned: bool = False) -> None:
     root = logging.getLogger()
     root.addFilter(_no_preprocessing_advice)
     try:
-        # the optimizer's fused operators (com.microsoft domain) have no inferred output types:
-        # they are float32 tensors
-        quantize_dynamic(
-            str(fp32),
-            str(path),
-            weight_type=weight_type,
-            extra_options={"DefaultTensorType": 1},  # onnx.TensorProto.FLOAT
-        )
+        quantize_dynamic(str(fp32), str(path), weight_type=weight_type)
     finally:
         root.removeFilter(_no_preprocessing_advice)
 
@@ -134,27 +122,6 @@ def quantize_int8(fp32: Path, path: Path, *, unsigned: bool = False) -> None:
 def _no_preprocessing_advice(record: logging.LogRecord) -> bool:
     """Drop onnxruntime's advice to pre-process before quantizing (moot for these models)."""
     return not record.getMessage().startswith("Please consider")
-
-
-def fuse(fp32: Path, path: Path, *, heads: int, hidden: int) -> None:
-    """ONNX Runtime's transformer optimizer on a BERT-like fp32 graph: Attention (which
-    quantizes to QAttention), SkipLayerNormalization and BiasGelu fused into single operators.
-    The embeddings stay as they are (fp32) and the attention mask stays a 2-D mask, so a padded
-    batch is scored as the plain graph scores it."""
-    from onnxruntime.transformers.fusion_options import AttentionMaskFormat, FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    options = FusionOptions("bert")
-    options.enable_embed_layer_norm = False
-    options.attention_mask_format = AttentionMaskFormat.AttentionMask
-    optimized = optimize_model(
-        str(fp32),
-        model_type="bert",
-        num_heads=heads,
-        hidden_size=hidden,
-        optimization_options=options,
-    )
-    optimized.save_model_to_file(str(path))
 
 
 def input_names_of(config: Any) -> tuple[str, ...]:
@@ -167,7 +134,6 @@ def quantize(
     out: Path,
     *,
     cpu: CpuFeatures | None = None,
-    fused: bool = False,
     parity_queries: int = 10,
     trust_remote_code: bool = False,
 ) -> QuantizeResult:
@@ -185,7 +151,7 @@ def quantize(
         ) from None
     try:
         cpu = cpu or cpu_features()
-        result = _write(model, work, cpu, fused, parity_queries, trust_remote_code)
+        result = _write(model, work, cpu, parity_queries, trust_remote_code)
         for path in [work, *work.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
         if out.is_dir():
@@ -193,7 +159,7 @@ def quantize(
         work.rename(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return QuantizeResult(out, result.int8_file, result.fused_file, result.parity)
+    return QuantizeResult(out, result.int8_file, result.parity)
 
 
 def _check_target(out: Path) -> None:
@@ -223,7 +189,6 @@ def _write(
     model: str,
     work: Path,
     cpu: CpuFeatures,
-    fused: bool,
     parity_queries: int,
     trust_remote_code: bool,
 ) -> QuantizeResult:
@@ -246,20 +211,10 @@ def _write(
     unsigned = "quint8" in stem
     int8 = f"onnx/{stem}.onnx"
     quantize_int8(fp32, work / int8, unsigned=unsigned)
-    files = [int8]
-    fused_file = None
-    if fused:
-        config = classifier.config
-        with tempfile.TemporaryDirectory() as tmp:
-            graph = Path(tmp) / "fused.onnx"
-            fuse(fp32, graph, heads=config.num_attention_heads, hidden=config.hidden_size)
-            fused_file = f"onnx/{stem}{FUSED_SUFFIX}.onnx"
-            quantize_int8(graph, work / fused_file, unsigned=unsigned)
-        files.append(fused_file)
-    parity = tuple(measure_parity(encoder, work, files, queries=parity_queries))
+    parity = tuple(measure_parity(encoder, work, [int8], queries=parity_queries))
     report = {"source": model, "cpu_file": int8, "parity": [asdict(p) for p in parity]}
     (work / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return QuantizeResult(work, int8, fused_file, parity)
+    return QuantizeResult(work, int8, parity)
 
 
 def _write_special_tokens_map(directory: Path) -> None:

@@ -53,7 +53,7 @@ def quantized(
     tiny_models: TestModelPaths, tmp_path_factory: pytest.TempPathFactory
 ) -> QuantizeResult:
     out = tmp_path_factory.mktemp("quantized") / "int8"
-    return quantize(str(tiny_models.stage2), out, fused=True, parity_queries=3)
+    return quantize(str(tiny_models.stage2), out, parity_queries=3)
 
 
 def test_the_output_is_an_onnx_export_for_this_cpu(quantized: QuantizeResult) -> None:
@@ -61,7 +61,7 @@ def test_the_output_is_an_onnx_export_for_this_cpu(quantized: QuantizeResult) ->
     names = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     stem = int8_stem(_this_cpu())
     assert quantized.int8_file == f"onnx/{stem}.onnx"
-    assert {"onnx/model.onnx", quantized.int8_file, f"onnx/{stem}_fused.onnx"} <= set(names)
+    assert {"onnx/model.onnx", quantized.int8_file} <= set(names)
     assert {"tokenizer.json", "config.json", "special_tokens_map.json"} <= set(names)
     assert not [n for n in names if n.endswith((".safetensors", ".bin"))]  # torch-free to serve
     assert infer_kind(str(out), names, 2) == "onnx-cross-encoder"
@@ -95,7 +95,7 @@ def test_parity_is_measured_against_the_fp32_model(
     from sentence_transformers import CrossEncoder
 
     by_file = {p.file: p for p in quantized.parity}
-    assert list(by_file) == ["onnx/model.onnx", quantized.int8_file, quantized.fused_file]
+    assert list(by_file) == ["onnx/model.onnx", quantized.int8_file]
     assert by_file["onnx/model.onnx"].max_abs_diff <= 1e-5  # the export itself is exact
     assert by_file["onnx/model.onnx"].same_top10_order == 3
     # the int8 figure, recomputed from sentence-transformers' own scores
@@ -123,24 +123,12 @@ def test_compare_counts_top10_agreement() -> None:
     assert compare("x", reference, reference).smallest_top10_gap == 1.0
 
 
-@pytest.mark.parametrize("which", ["int8_file", "fused_file"])
-def test_int8_scores_do_not_depend_on_batch_mates(quantized: QuantizeResult, which: str) -> None:
-    runner = OnnxCrossEncoderRunner(quantized.directory, onnx_file=getattr(quantized, which))
+def test_int8_scores_do_not_depend_on_batch_mates(quantized: QuantizeResult) -> None:
+    runner = OnnxCrossEncoderRunner(quantized.directory, onnx_file=quantized.int8_file)
     assert runner.max_pairs == 1 and runner.precision == "int8"
     alone = [runner.score(QUERY, [p])[0] for p in PASSAGES]
     together = runner.score_pairs([("another query", "x"), *((QUERY, p) for p in PASSAGES)])[1:]
     assert together == alone  # exactly
-
-
-def test_the_fused_file_serves_as_a_flashrank_stage(quantized: QuantizeResult) -> None:
-    """The opt-in stage-1 variant: the flashrank kind runs the fused int8 file one pair at a time,
-    close to the plain int8 file of the same weights."""
-    fused = FlashRankRunner(quantized.directory, quantized.directory / str(quantized.fused_file))
-    plain = FlashRankRunner(quantized.directory, quantized.directory / quantized.int8_file)
-    assert fused.max_pairs == 1
-    scores = fused.score(QUERY, PASSAGES)
-    assert scores == [fused.score(QUERY, [p])[0] for p in PASSAGES]
-    assert scores == pytest.approx(plain.score(QUERY, PASSAGES), abs=0.5)  # tiny model: loose
 
 
 def test_the_command_prints_parity_and_refuses_a_full_directory(
