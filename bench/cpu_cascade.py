@@ -1,23 +1,23 @@
 """The CPU host's cascade: FlashRank, then an int8 stage 2 made by `reranker-server quantize`,
-against stage 1 alone; and the opt-in fused stage-1 variant against FlashRank's own file.
+against stage 1 alone; and the fast ONNX graph (`onnx_graph = "fast"`) against the exact one.
 
     reranker-server make-test-models /tmp/cpu-models --full-size \
         --tokenizer /work/shared/models/bert-base-uncased-tokenizer
     reranker-server quantize /tmp/cpu-models/cross-encoder /tmp/cpu-models-l6-int8
-    reranker-server quantize /tmp/cpu-models/stage1-cross-encoder /tmp/cpu-models-l12-int8 --fuse
-    python bench/cpu_cascade.py --models /tmp/cpu-models --stage2 /tmp/cpu-models-l6-int8 \
-        --stage1-variants /tmp/cpu-models-l12-int8
+    python bench/cpu_cascade.py --models /tmp/cpu-models --stage2 /tmp/cpu-models-l6-int8
 
-Part 1 (`cascade`): one server per configuration, all up at once on 127.0.0.1, driven in turn
-(`--rounds` rounds, each configuration once per round, the order rotating) with 20 short passages
-at concurrency `--concurrency` (bench/load.py). Prints req/s and server CPU s/request per
-configuration and round, and each cascade's ratio to stage 1 alone within the round (the median
-over rounds is the figure; a shared machine's neighbours move absolute numbers between rounds).
+Part 1 (`cascade`): one server per configuration (stage 1 alone and each cascade, with the exact
+and the fast graph), all up at once on 127.0.0.1, driven in turn (`--rounds` rounds, each
+configuration once per round, the order rotating) with 20 short passages at concurrency
+`--concurrency` (bench/load.py). Prints req/s and server CPU s/request per configuration and
+round, and each one's ratio to stage 1 alone (exact graph) within the round (the median over
+rounds is the figure; a shared machine's neighbours move absolute numbers between rounds).
 
-Part 2 (`stage1`): FlashRank's file against the fused int8 file of the same weights, in this
-process as the server's CPU lane runs stage 1 (each pair alone, one run per core, one thread
-each), interleaved `--rounds` times; thread CPU time per pair and wall time, plus the score drift
-(largest |score - FlashRank's score|) and top-10 agreement on the parity set.
+Part 2 (`graphs`): each ONNX file (FlashRank's stage 1; the quantized stage 2 with `--stage2`)
+with the exact and the fast graph, in this process as the server's CPU lane runs it (each pair
+alone, one run per core, one thread each), interleaved `--rounds` x 3 times; thread CPU time per
+pair and wall time, plus the score drift (largest |fast - exact|) and top-10 agreement on the
+parity set (reranker_server/quantize.py).
 """
 
 from __future__ import annotations
@@ -42,19 +42,34 @@ from bench.workloads import QUERY, body, short_documents
 from reranker_server.model_generator import STAGE1_FILE, STAGE1_NAME
 from reranker_server.quantize import compare, parity_set
 from reranker_server.runners.flashrank import FlashRankRunner
+from reranker_server.runners.onnx_base import OnnxPairRunner
+from reranker_server.runners.onnx_cross_encoder import OnnxCrossEncoderRunner
 
 WORKLOAD = "20 short"
 
 
 def cascade_configs(stage2: Path, candidates: Sequence[int]) -> dict[str, dict[str, str]]:
     """Configuration name -> the server's environment (on top of bench/run_all.serve's)."""
-    configs = {"stage 1 alone": {"RERANKER_STAGE2_ON_CPU": "false"}}
+    fast = {"RERANKER_STAGE1_ONNX_GRAPH": "fast"}
+    configs = {
+        "stage 1 alone": {"RERANKER_STAGE2_ON_CPU": "false"},
+        "stage 1 alone, fast graph": {"RERANKER_STAGE2_ON_CPU": "false", **fast},
+    }
     for n in candidates:
-        configs[f"+ int8 L-6 stage 2, top {n}"] = {
+        cascade = {
             "RERANKER_STAGE2_MODEL": str(stage2),
-            "RERANKER_STAGE2_KIND": "onnx-cross-encoder",
             "RERANKER_STAGE2_ON_CPU": "true",
             "RERANKER_CANDIDATES": str(n),
+        }
+        configs[f"+ int8 L-6 stage 2, top {n}"] = cascade
+        configs[f"+ int8 L-6 stage 2 (fast graph), top {n}"] = {
+            **cascade,
+            "RERANKER_STAGE2_ONNX_GRAPH": "fast",
+        }
+        configs[f"fast graph, + int8 L-6 stage 2 (fast graph), top {n}"] = {
+            **cascade,
+            **fast,
+            "RERANKER_STAGE2_ONNX_GRAPH": "fast",
         }
     return configs
 
@@ -120,71 +135,79 @@ def cascade_part(args: argparse.Namespace) -> list[str]:
 
 
 def _lane_seconds(
-    runner: FlashRankRunner, encodings: Sequence[Encoding], pool: ThreadPoolExecutor
+    runner: OnnxPairRunner, items: Sequence[Encoding], pool: ThreadPoolExecutor
 ) -> tuple[float, float]:
-    """(wall s, summed thread CPU s) to score `encodings`, each pair alone, on the pool."""
+    """(wall s, summed thread CPU s) to score `items`, each pair alone, on the pool."""
 
-    def one(encoding: Encoding) -> float:
+    def one(item: Encoding) -> float:
         started = time.thread_time()
-        runner.run([encoding])
+        runner.run([item])
         return time.thread_time() - started
 
     started = time.perf_counter()
-    cpu = sum(pool.map(one, encodings))
+    cpu = sum(pool.map(one, items))
     return time.perf_counter() - started, cpu
 
 
-def stage1_part(args: argparse.Namespace) -> list[str]:
+def graph_runners(args: argparse.Namespace) -> dict[str, tuple[OnnxPairRunner, OnnxPairRunner]]:
+    """File label -> (exact, fast) runners of it."""
     flashrank_dir = args.models / "flashrank" / STAGE1_NAME
-    variants = args.stage1_variants
-    fused = next((variants / "onnx").glob("*_fused.onnx"))
-    runners: dict[str, FlashRankRunner] = {
-        f"FlashRank's file ({STAGE1_FILE}, the default)": FlashRankRunner(
-            flashrank_dir, flashrank_dir / STAGE1_FILE, threads=1
-        ),
-        f"fused int8 ({fused.name})": FlashRankRunner(variants, fused, threads=1),
-    }
-    names = list(runners)
-    docs = short_documents(0)
-    encodings = {n: r.prepare([(QUERY, d) for d in docs]) for n, r in runners.items()}
-    cores = os.cpu_count() or 1
-    wall: dict[str, list[float]] = {n: [] for n in names}
-    cpu: dict[str, list[float]] = {n: [] for n in names}
-    with ThreadPoolExecutor(cores) as pool:
-        for name in names:
-            _lane_seconds(runners[name], encodings[name], pool)  # warm-up
-        for r in range(args.rounds * 3):
-            for name in names[r % 2 :] + names[: r % 2]:
-                w, c = _lane_seconds(runners[name], encodings[name], pool)
-                wall[name].append(w)
-                cpu[name].append(c)
-    data = parity_set(args.parity_queries)
-    scores = {n: [runners[n].score(q, p) for q, p in data] for n in names}
-    base = names[0]
-    lines = [
-        f"\n**Stage 1 on {len(docs)} short passages**, each pair alone, {cores} runs x 1 thread, "
-        f"{args.rounds * 3} interleaved repeats\n",
-        "| stage-1 file | ms / request (median wall) | CPU ms / pair (median) | throughput vs "
-        "FlashRank's file (CPU) | (wall) | max score drift vs FlashRank's file | same top-10 order "
-        "| top-10 in common |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name in names:
-        parity = compare(name, scores[base], scores[name])
-        lines.append(
-            f"| {name} | {statistics.median(wall[name]) * 1000:.0f} | "
-            f"{statistics.median(cpu[name]) / len(docs) * 1000:.1f} | "
-            f"{statistics.median(cpu[base]) / statistics.median(cpu[name]):.2f}x | "
-            f"{statistics.median(wall[base]) / statistics.median(wall[name]):.2f}x | "
-            f"{parity.max_abs_diff:.1e} | {parity.same_top10_order}/{parity.queries} | "
-            f"{parity.top10_overlap:.0%} |"
+    runners: dict[str, tuple[OnnxPairRunner, OnnxPairRunner]] = {
+        f"stage 1: FlashRank's {STAGE1_FILE}": (
+            FlashRankRunner(flashrank_dir, flashrank_dir / STAGE1_FILE),
+            FlashRankRunner(flashrank_dir, flashrank_dir / STAGE1_FILE, graph="fast"),
         )
-    gaps = [g for s in scores[base] for g in _gaps(s)]
-    lines.append(
-        f"\nParity set: {len(data)} generated queries x {len(data[0][1])} passages "
-        f"(reranker_server/quantize.py); smallest gap between neighbouring top-11 FlashRank "
-        f"scores {min(gaps):.1e}."
-    )
+    }
+    if args.stage2:
+        exact = OnnxCrossEncoderRunner(args.stage2)
+        runners[f"stage 2: {exact.onnx_file.name} (quantize)"] = (
+            exact,
+            OnnxCrossEncoderRunner(args.stage2, graph="fast"),
+        )
+    return runners
+
+
+def graphs_part(args: argparse.Namespace) -> list[str]:
+    docs = short_documents(0)
+    cores = os.cpu_count() or 1
+    data = parity_set(args.parity_queries)
+    lines = [
+        f"\n**The fast graph, {len(docs)} short passages**, each pair alone, {cores} runs x 1 "
+        f"thread, {args.rounds * 3} interleaved repeats; drift on {len(data)} generated queries "
+        f"x {len(data[0][1])} passages\n",
+        "| ONNX file | graph | ms / request (median wall) | CPU ms / pair (median) | "
+        "throughput vs exact (CPU) | (wall) | max score drift vs exact | same top-10 order | "
+        "top-10 in common |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    with ThreadPoolExecutor(cores) as pool:
+        for label, pair in graph_runners(args).items():
+            items = [r.prepare([(QUERY, d) for d in docs]) for r in pair]
+            wall: list[list[float]] = [[], []]
+            cpu: list[list[float]] = [[], []]
+            for k in (0, 1):
+                _lane_seconds(pair[k], items[k], pool)  # warm-up
+            for r in range(args.rounds * 3):
+                for k in (r % 2, 1 - r % 2):
+                    w, c = _lane_seconds(pair[k], items[k], pool)
+                    wall[k].append(w)
+                    cpu[k].append(c)
+            scores = [[runner.score(q, p) for q, p in data] for runner in pair]
+            for k, graph in enumerate(("exact", "fast")):
+                parity = compare(graph, scores[0], scores[k])
+                lines.append(
+                    f"| {label} | {graph} | {statistics.median(wall[k]) * 1000:.0f} | "
+                    f"{statistics.median(cpu[k]) / len(docs) * 1000:.1f} | "
+                    f"{statistics.median(cpu[0]) / statistics.median(cpu[k]):.2f}x | "
+                    f"{statistics.median(wall[0]) / statistics.median(wall[k]):.2f}x | "
+                    f"{parity.max_abs_diff:.1e} | {parity.same_top10_order}/{parity.queries} | "
+                    f"{parity.top10_overlap:.0%} |"
+                )
+            gaps = [g for s in scores[0] for g in _gaps(s)]
+            lines.append(
+                f"| ({label}: smallest gap between neighbouring top-11 exact scores "
+                f"{min(gaps):.1e}) | | | | | | | | |"
+            )
     return lines
 
 
@@ -199,9 +222,8 @@ def main() -> int:
     )
     parser.add_argument("--models", type=Path, required=True, help="make-test-models --full-size")
     parser.add_argument("--stage2", type=Path, help="quantize's output for the L-6 cross-encoder")
-    parser.add_argument("--stage1-variants", type=Path, help="quantize --fuse's output for stage 1")
-    parser.add_argument("--parts", default="cascade,stage1")
-    parser.add_argument("--candidates", default="4,8")
+    parser.add_argument("--parts", default="cascade,graphs")
+    parser.add_argument("--candidates", default="4")
     parser.add_argument(
         "--top-k",
         type=int,
@@ -219,8 +241,8 @@ def main() -> int:
     parts = args.parts.split(",")
     if "cascade" in parts:
         lines += cascade_part(args)
-    if "stage1" in parts:
-        lines += stage1_part(args)
+    if "graphs" in parts:
+        lines += graphs_part(args)
     print("\n".join(lines))
     print(
         f"\n(measured in {time.perf_counter() - started:.0f} s, load average "

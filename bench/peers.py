@@ -4,6 +4,7 @@ Contestants, each served in turn on 127.0.0.1 with the same full-size generated 
 (`make-test-models --full-size`, the real BERT tokenizer):
 
 - `default`: this server as a CPU host runs it (stage 1 only: FlashRank MiniLM-L12 int8);
+- `fast`: the same with `RERANKER_STAGE1_ONNX_GRAPH=fast` (the opt-in fast graph, docs/models.md);
 - `base` (with `--base REV`): the same at another git revision (a before/after of one change);
 - `naive`: the seed server (bench/naive_server.py: FlashRank + the L-6 cross-encoder on the CPU);
 - `infinity`: Infinity (`infinity_emb v2`, torch engine, the L-6 cross-encoder on every passage),
@@ -54,7 +55,9 @@ from bench.workloads import WORKLOADS, body
 from reranker_server.model_generator import STAGE1_NAME, write_test_models
 
 INFINITY = Path("/work/venv-infinity/bin/infinity_emb")
-CONTESTANTS = ("default", "base", "naive", "infinity")
+CONTESTANTS = ("default", "fast", "base", "naive", "infinity")
+# this server's own contestants: name -> settings
+OURS = {"default": {}, "fast": {"RERANKER_STAGE1_ONNX_GRAPH": "fast"}, "base": {}}
 
 
 @dataclass
@@ -340,7 +343,7 @@ def main() -> int:
                         else:
                             root = base if name == "base" and base is not None else ROOT
                             url, pid = stack.enter_context(
-                                serve("this", args.models, {}, root=root)
+                                serve("this", args.models, OURS[name], root=root)
                             )
                     except RuntimeError as exc:
                         if name != "infinity":
@@ -402,7 +405,7 @@ def report(
             ]
             for peer in peers:
                 theirs = results.get((peer, workload), [])
-                if name == peer or not theirs or name != "default":
+                if name == peer or not theirs or name not in ("default", "fast"):
                     row.append("")
                     continue
                 pairs = list(zip(runs, theirs, strict=False))
@@ -420,7 +423,7 @@ def report(
     outside = [
         (name, workload, [statistics.median(r.outside_ms) for r in results[(name, workload)]])
         for workload in workloads
-        for name in ("base", "default")
+        for name in ("base", "default", "fast")
         if (name, workload) in results and all(r.outside_ms for r in results[(name, workload)])
     ]
     if outside:

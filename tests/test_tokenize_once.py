@@ -31,6 +31,7 @@ from reranker_server.model_generator import (
 )
 from reranker_server.model_store import resolve_stage1
 from reranker_server.runners.flashrank import FlashRankRunner
+from reranker_server.runners.onnx_cross_encoder import OnnxCrossEncoderRunner
 from reranker_server.types import LongDocPolicy, RerankJob, TextTokens
 
 from .test_window_prefixes import POLICIES, documents
@@ -120,6 +121,41 @@ def test_every_flashrank_layout_builds_its_pairs(model_matrix: dict[str, Path]) 
             assert plan.items is not None, name
             pairs = stage1.prepare([(plan.query, t) for t in plan.texts])
             assert same_pairs(plan.items, pairs), name
+
+
+class CountingOnnx(OnnxCrossEncoderRunner):
+    """The real ONNX cross-encoder runner, counting the pairs it tokenizes."""
+
+    pairs_tokenized = 0
+
+    def prepare(self, pairs: Sequence[tuple[str, str]]) -> list[Any]:
+        self.pairs_tokenized += len(pairs)
+        return super().prepare(pairs)
+
+
+@pytest.mark.parametrize("name", ["onnx/bert", "onnx/bert-2-label", "onnx/xlm-roberta"])
+def test_an_onnx_cross_encoder_stage_1_builds_its_pairs(
+    model_matrix: dict[str, Path], name: str
+) -> None:
+    """The onnx-cross-encoder kind as stage 1 (BERT's tokenizer and XLM-RoBERTa's
+    sentencepiece one): the plan's items are its tokenizer's own pairs, and the engine scores
+    them, exactly as the runner scores the pairs it tokenizes, without tokenizing a pair."""
+    docs = [*documents(random.Random(3))[:4], *short_documents(6)]
+    stage1 = CountingOnnx(model_matrix[name])
+    for policy in (LongDocPolicy(mode="chunk", max_chunks=3), LongDocPolicy(keep="end")):
+        plan = Windower(stage1, max_query_tokens=4).plan(QUERY, docs, policy)
+        assert plan.items is not None
+        assert same_pairs(plan.items, stage1.prepare([(plan.query, t) for t in plan.texts]))
+    short = short_documents(12)  # whole documents: the runner's own pairs are the same texts
+    scheduler = Scheduler(1)
+    try:
+        stage1.pairs_tokenized = 0
+        outcome = engine_with(stage1, scheduler).rerank(RerankJob(QUERY, short, top_k=12))
+        assert stage1.pairs_tokenized == 0
+    finally:
+        scheduler.close()
+    ours = {r.index: r.score for r in outcome.results}
+    assert [ours[i] for i in range(len(short))] == stage1.score(QUERY, short)
 
 
 def test_scores_equal_flashrank_and_the_pair_tokenizing_path(tiny_models: TestModelPaths) -> None:

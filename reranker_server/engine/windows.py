@@ -9,9 +9,12 @@ document into the texts the stages score:
 - `chunk`: overlapping windows that fit, at most `max_chunks`; the document's score is its best
   window's score (`WindowPlan.best`), in stage 1 and again in stage 2.
 
-Windows are substrings of the document cut at word boundaries, so tokenizing a window again gives
-exactly its tokens: the runners keep their contract (query + texts -> scores), the score cache keys
-on the window text, and a stage-2 model with the same vocabulary sees the same window. A query
+Windows are substrings of the document cut at word boundaries, and the runners keep their contract
+(query + texts -> scores): the score cache keys on the window text, and a stage-2 model sees the
+same window. With a BERT (word-local) tokenizer, tokenizing a window again gives exactly its
+tokens; a sentencepiece tokenizer marks a text's first word, so there a window's own tokens can
+differ from its slice of the document's at the cut (the window's text is what is scored, and the
+ONNX runners tokenize such windows alone: `word_local_tokens`). A query
 longer than `max_query_tokens` is cut to that many tokens; the document gets the rest.
 
 Memory: only text the windows can reach is tokenized. A policy decides from a document's first
@@ -22,9 +25,10 @@ document. Documents go through the tokenizer `GROUP` at a time (the first groups
 `FIRST_GROUP`, doubling). A request of 1,000 documents of 16,000 one-token characters thus holds
 ~64 x 4,000 token offsets at once, not 16 million (bench/memory.py).
 
-Tokenize once: when the encoder can build stage 1's pairs from token ids (`PairTokenizer`, the
-FlashRank runner), the plan carries each window's pair, made from the ids it tokenized
-(`WindowPlan.items`), and the scheduler queues those instead of tokenizing the pairs again. A
+Tokenize once: when the encoder can build stage 1's pairs from token ids (`PairTokenizer`: the
+ONNX runners, runners/onnx_base.py), the plan carries each window's pair, made from the ids it
+tokenized (`WindowPlan.items`), and the scheduler queues those instead of tokenizing the pairs
+again. A
 `sink` gets each group's windows as soon as they are planned, so the engine queues them while the
 next group is tokenized (the compute threads start at once).
 """

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tokenizers import AddedToken, Encoding, Tokenizer
+from tokenizers import AddedToken, Tokenizer
 
 from ..errors import ModelLoadError
 from ..model_store import (
@@ -39,7 +39,6 @@ from ..model_store import (
 from .base import plan_batches
 from .kind import LoadTarget, RunnerKind
 from .onnx_base import OnnxPairRunner, cpu_session, quantizes_per_batch
-from .pair_template import PairIds, PairTemplate
 
 if TYPE_CHECKING:
     from ..specs import StageSpec
@@ -67,12 +66,6 @@ def load_flashrank_tokenizer(directory: Path, max_length: int) -> tuple[Tokenize
     return tokenizer, int(config.get("pad_token_id") or 0)
 
 
-def _pre_tokenizer(tokenizer: Tokenizer) -> str | None:
-    """The type of the tokenizer's pre-tokenizer (None: none)."""
-    found = json.loads(tokenizer.to_str()).get("pre_tokenizer")
-    return found.get("type") if isinstance(found, dict) else None
-
-
 def _json_or_empty(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
@@ -97,49 +90,6 @@ class FlashRankRunner(OnnxPairRunner):
         session = cpu_session(onnx_file, threads, graph)
         self._start(tokenizer, pad_id, session, onnx_file, batch_tokens)
         self.precision = "int8" if self.max_pairs == 1 else "fp32"
-        self._template = PairTemplate.learn(tokenizer)
-        # BERT's pre-tokenizer splits words on whitespace and punctuation alone, so a text cut
-        # at word boundaries tokenizes as that slice of its tokens: windows reuse their ids.
-        # (A sentencepiece tokenizer marks a text's first word: its windows are tokenized.)
-        self.word_local_tokens: bool = _pre_tokenizer(tokenizer) == "BertPreTokenizer"
-
-    def prepare_tokens(
-        self,
-        query: str,
-        query_ids: list[int] | None,
-        texts: Sequence[str],
-        ids: Sequence[list[int] | None],
-    ) -> list[Encoding | PairIds] | None:
-        """The items `prepare` makes of (query, text) pairs, from the ids `encode_texts` gave
-        (tokenize once: engine/windows.py); a text (or the query) without ids is tokenized
-        alone here. None when the tokenizer's pair layout is unknown. A pair longer than
-        `max_length` (the window plan makes none) is tokenized as a pair, to truncate it as
-        FlashRank does."""
-        template = self._template
-        if template is None:
-            return None
-        if query_ids is None:
-            query_ids = self._alone([query])[0]
-        todo = [i for i, known in enumerate(ids) if known is None]
-        alone = dict(zip(todo, self._alone([texts[i] for i in todo]), strict=True))
-        room = self.max_length - template.special_tokens - len(query_ids)
-        items: list[Encoding | PairIds] = []
-        for i, text in enumerate(texts):
-            text_ids = ids[i]
-            if text_ids is None:
-                text_ids = alone[i]
-            if len(text_ids) <= room:
-                items.append(template.build(query_ids, text_ids))
-            else:
-                items += self.prepare([(query, text)])
-        return items
-
-    def _alone(self, texts: Sequence[str]) -> list[list[int]]:
-        if not texts:
-            return []
-        return [
-            e.ids for e in self._untruncated.encode_batch(list(texts), add_special_tokens=False)
-        ]
 
     def head(self, logits: np.ndarray) -> np.ndarray:
         """The same arithmetic as flashrank.Ranker.rerank, in float32."""

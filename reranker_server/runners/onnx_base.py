@@ -1,5 +1,6 @@
-"""What the two ONNX runners share (flashrank.py, onnx_cross_encoder.py): the session options,
-tokenize / pad / run, batch bounds and the score head.
+"""What the two ONNX runners share (flashrank.py, onnx_cross_encoder.py): the session options
+(and the fast graph, onnx_graph.py), tokenize / pad / run, pairs built from the window plan's
+token ids (tokenize once, pair_template.py), batch bounds and the score head.
 
 A subclass builds its truncating tokenizer and picks the ONNX file, then calls `_start`.
 
@@ -11,6 +12,7 @@ depends on what else is scored with it; any other file runs length-sorted batche
 
 from __future__ import annotations
 
+import json
 import mmap
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +24,7 @@ from tokenizers import Encoding, Tokenizer
 from ..types import TextTokens
 from .onnx_graph import FAST_DISABLED_OPTIMIZERS, fast_options, unmasked
 from .onnx_inputs import padded_inputs
-from .pair_template import PairIds
+from .pair_template import PairIds, PairTemplate
 
 
 def quantizes_per_batch(onnx_file: Path) -> bool:
@@ -65,6 +67,12 @@ def cpu_session(onnx_file: Path, threads: int, graph: str = "exact") -> ort.Infe
     )
 
 
+def _pre_tokenizer(tokenizer: Tokenizer) -> str | None:
+    """The type of the tokenizer's pre-tokenizer (None: none)."""
+    found = json.loads(tokenizer.to_str()).get("pre_tokenizer")
+    return found.get("type") if isinstance(found, dict) else None
+
+
 class OnnxPairRunner:
     """An ONNX cross-encoder on the CPU behind the runner contract (runners/base.py), with a
     tokenizer for long documents (engine/windows.py)."""
@@ -98,6 +106,11 @@ class OnnxPairRunner:
         self._input_names = [i.name for i in session.get_inputs()]
         self.batch_tokens = batch_tokens
         self.max_pairs = 1 if quantizes_per_batch(onnx_file) else max(1, batch_tokens // 16)
+        self._template = PairTemplate.learn(tokenizer)
+        # BERT's pre-tokenizer splits words on whitespace and punctuation alone, so a text cut
+        # at word boundaries tokenizes as that slice of its tokens: windows reuse their ids.
+        # (A sentencepiece tokenizer marks a text's first word: its windows are tokenized.)
+        self.word_local_tokens: bool = _pre_tokenizer(tokenizer) == "BertPreTokenizer"
         self._calls = 0
         self._pairs_scored = 0
 
@@ -137,6 +150,44 @@ class OnnxPairRunner:
         engine cuts long documents into windows with these, engine/windows.py)."""
         encodings = self._untruncated.encode_batch(list(texts), add_special_tokens=False)
         return [TextTokens(e.offsets, e.word_ids, e.ids) for e in encodings]
+
+    def prepare_tokens(
+        self,
+        query: str,
+        query_ids: list[int] | None,
+        texts: Sequence[str],
+        ids: Sequence[list[int] | None],
+    ) -> list[Encoding | PairIds] | None:
+        """The items `prepare` makes of (query, text) pairs, from the ids `encode_texts` gave
+        (tokenize once: engine/windows.py); a text (or the query) without ids is tokenized
+        alone here. None when the tokenizer's pair layout is unknown. A pair longer than
+        `max_length` (the window plan makes none) is tokenized as a pair, to truncate it as
+        the tokenizer does."""
+        template = self._template
+        if template is None:
+            return None
+        if query_ids is None:
+            query_ids = self._alone([query])[0]
+        todo = [i for i, known in enumerate(ids) if known is None]
+        alone = dict(zip(todo, self._alone([texts[i] for i in todo]), strict=True))
+        room = self.max_length - template.special_tokens - len(query_ids)
+        items: list[Encoding | PairIds] = []
+        for i, text in enumerate(texts):
+            text_ids = ids[i]
+            if text_ids is None:
+                text_ids = alone[i]
+            if len(text_ids) <= room:
+                items.append(template.build(query_ids, text_ids))
+            else:
+                items += self.prepare([(query, text)])
+        return items
+
+    def _alone(self, texts: Sequence[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return [
+            e.ids for e in self._untruncated.encode_batch(list(texts), add_special_tokens=False)
+        ]
 
     def score(self, query: str, documents: Sequence[str]) -> list[float]:
         """Scores of one query's documents (base.score, for convenience)."""
