@@ -4,8 +4,6 @@
                                                quantization like FlashRank's files), config and
                                                tokenizer files
     <dir>/cross-encoder/                       sentence-transformers' CrossEncoder layout
-    <dir>/stage1-cross-encoder/                stage 1's weights in that layout (for
-                                               `reranker-server quantize`)
     <dir>/onnx-cross-encoder/                  (onnx=True) the same cross-encoder as a hub ONNX
                                                export: onnx/model.onnx (fp32) and int8 variants
                                                named as on the hub (ONNX_VARIANTS), no torch weights
@@ -40,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 STAGE1_NAME = "ms-marco-MiniLM-L-12-v2"
 STAGE1_FILE = "flashrank-MiniLM-L-12-v2_Q.onnx"
-STAGE1_SOURCE = "stage1-cross-encoder"  # stage 1's weights in sentence-transformers' layout
 BERT_INPUTS = EXPORT_INPUTS
 # int8 files of a hub ONNX export (name -> unsigned weights), as sentence-transformers names them
 ONNX_VARIANTS = {"model_qint8_avx512_vnni.onnx": False, "model_quint8_avx2.onnx": True}
@@ -72,7 +69,6 @@ class TestModelPaths:
     stage1: Path
     stage2: Path
     onnx: Path | None = None
-    stage1_source: Path | None = None  # stage 1's weights as a cross-encoder (STAGE1_SOURCE)
 
 
 @dataclass(frozen=True)
@@ -502,11 +498,17 @@ def write_test_models(
         stage1=directory / "flashrank" / STAGE1_NAME,
         stage2=directory / "cross-encoder",
         onnx=exported if onnx else None,
-        stage1_source=directory / STAGE1_SOURCE,
     )
 
 
-OUTPUT_NAMES = {"flashrank", "cross-encoder", "onnx-cross-encoder", "matrix", STAGE1_SOURCE}
+# What a run writes, replaced when found (with "stage1-cross-encoder", which earlier versions wrote)
+OUTPUT_NAMES = {
+    "flashrank",
+    "cross-encoder",
+    "onnx-cross-encoder",
+    "matrix",
+    "stage1-cross-encoder",
+}
 
 
 def _check_target(directory: Path) -> None:
@@ -570,9 +572,6 @@ def _write_both(
 
     model2 = _bert(STAGE2_FULL if full_size else TINY, vocab_size, seed + 1)
     _save_cross_encoder(model2, stage1, stage2)
-    # stage 1's own weights as a cross-encoder: what `reranker-server quantize` turns into
-    # stage-1 variants (FlashRank ships only its int8 file)
-    _save_cross_encoder(model1, stage1, directory / STAGE1_SOURCE)
     if onnx:
         write_onnx_export(stage2, directory / "onnx-cross-encoder", model2)
 

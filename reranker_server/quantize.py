@@ -193,6 +193,12 @@ def _write(
     trust_remote_code: bool,
 ) -> QuantizeResult:
     encoder = _load(model, trust_remote_code)
+    if getattr(encoder.tokenizer, "chat_template", None):
+        raise QuantizeError(
+            f"{model} has a chat template (an LLM-based reranker); quantize exports plain "
+            "(query, document) cross-encoders for kind onnx-cross-encoder; fix: serve it as it "
+            'is with kind "cross-encoder" (docs/models.md)'
+        )
     classifier = encoder.model.eval()
     encoder.tokenizer.save_pretrained(str(work))
     classifier.config.save_pretrained(str(work))

@@ -166,6 +166,16 @@ def test_a_model_that_cannot_be_loaded_is_one_line(
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out-*"))
 
 
+def test_an_llm_reranker_with_a_chat_template_is_refused_in_one_line(
+    model_matrix: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert main(["quantize", str(model_matrix["qwen3-template"]), str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has a chat template" in err[0] and 'kind "cross-encoder"' in err[0]
+    assert not out.exists() and not list(tmp_path.glob(".out-*"))
+
+
 def _this_cpu() -> CpuFeatures:
     from reranker_server.model_store import cpu_features
 
@@ -255,11 +265,14 @@ def test_the_cpu_host_preset_in_the_docs_is_served_without_torch(
         body = httpx.post(
             f"{url}/rerank", json={"query": QUERY, "documents": docs, "top_k": 3}, timeout=30
         ).json()
-    first = FlashRankRunner(tiny_models.stage1, next(tiny_models.stage1.glob("*.onnx"))).score(
-        QUERY, docs
-    )
+    stage1_file = next(tiny_models.stage1.glob("*.onnx"))
+    graphs = (preset.stage1.onnx_graph, preset.stage2.onnx_graph)
+    assert graphs == ("exact", "fast")  # FlashRank's own scores, then the fast int8 stage 2
+    first = FlashRankRunner(tiny_models.stage1, stage1_file, graph=graphs[0]).score(QUERY, docs)
     kept = sorted(range(len(docs)), key=lambda i: -first[i])[: preset.candidates]
-    second = OnnxCrossEncoderRunner(quantized.directory).score(QUERY, [docs[i] for i in kept])
+    second = OnnxCrossEncoderRunner(quantized.directory, graph=graphs[1]).score(
+        QUERY, [docs[i] for i in kept]
+    )
     assert [s["device"] for s in body["stages"]] == ["cpu", "cpu"]
     assert body["stages"][1]["documents"] == preset.candidates
     assert [r["index"] for r in body["results"]] == [
