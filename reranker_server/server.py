@@ -271,10 +271,11 @@ class DrainingServer(uvicorn.Server):
             logger.warning("%s ignored: the server is already stopping", name)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        # Connections close after their current answer (idle keep-alive ones at once), so
-        # clients reconnect, through the load balancer, to a replica that is not stopping.
-        for connection in list(self.server_state.connections):
-            connection.shutdown()
+        # Connections close after their next answer (api/drain_close.py: `Connection: close`),
+        # so clients reconnect, through the load balancer, to a replica that is not stopping; an
+        # idle one closes at the keep-alive timeout. None is closed here: a connection accepted
+        # an instant ago, or a kept-alive one, may hold a request that has not been read yet,
+        # and closing it would reset that request instead of answering it (503).
         drain = asyncio.ensure_future(self.service.drain(self.drain_timeout_s))
         while not drain.done() and not self.cut_short:
             await asyncio.wait({drain}, timeout=0.1)

