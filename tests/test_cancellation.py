@@ -295,6 +295,46 @@ def test_every_answer_sent_while_draining_says_connection_close() -> None:
     assert [a.headers["Connection"] for a in answers] == ["close", "close"]
 
 
+def _get(sock: socket.socket, path: str) -> bytes:
+    """One GET on a raw connection; the answer's head and body as read (b"" if closed)."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return b""
+        if not chunk:
+            return data
+        data += chunk
+    return data
+
+
+def test_a_kept_alive_connection_is_answered_during_the_drain_not_reset() -> None:
+    """A connection that is idle when the signal comes (kept alive, or accepted an instant
+    before) is not closed under the request it carries next: that request gets its 503 with
+    `Connection: close`, never a reset or an empty answer."""
+    app, runner, _ = gated_app()
+    with draining_server(app, drain_timeout_s=120) as (url, stop):
+        answers, clients = post_in_threads(url, 1, docs=4)  # keeps the drain going
+        assert runner.entered.wait(60)
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as idle:
+            first = _get(idle, "/health/live")
+            assert first.startswith(b"HTTP/1.1 200") and b"connection: close" not in first.lower()
+            server_thread = stop()
+            wait_until(lambda: app.service.draining, "draining")
+            time.sleep(0.3)  # past the server's next loop tick after the signal
+            during = _get(idle, "/health/ready")
+        assert during.startswith(b"HTTP/1.1 503"), during
+        assert b"connection: close" in during.lower()
+        runner.gate.set()
+        for thread in clients:
+            thread.join(120)
+        server_thread.join(60)
+    assert [a.status_code for a in answers] == [200]
+
+
 def test_a_second_signal_cuts_the_drain_short_with_json_503s() -> None:
     """Ctrl-C twice: the second one cuts the drain short (not uvicorn's force_exit, which
     cancelled the handlers: plain-text 500s); a third is logged and ignored."""
