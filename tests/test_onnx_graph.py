@@ -22,15 +22,7 @@ from reranker_server.runners.onnx_graph import MASK, unmasked
 from reranker_server.settings import Settings
 
 from .conftest import running
-
-QUERY = "what is the capital of france"
-PASSAGES = [
-    "paris is the capital of france",
-    "berlin is the capital of germany",
-    "music and art and film " * 30,
-    "a dog",
-    "",
-]
+from .test_onnx_runner import PASSAGES, QUERY
 
 
 def _session(model: str | bytes) -> ort.InferenceSession:

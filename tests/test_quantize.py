@@ -31,6 +31,7 @@ from reranker_server.runners.onnx_cross_encoder import OnnxCrossEncoderRunner
 from reranker_server.runners.registry import infer_kind
 from reranker_server.settings import Settings
 
+from .test_onnx_runner import PASSAGES, QUERY
 from .test_startup import env_for
 from .test_torch_free import torch_free, torch_free_env, torch_free_server, torch_free_site
 
@@ -38,14 +39,6 @@ __all__ = ["torch_free_site"]  # a fixture, used by name
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = "[cascades.cpu-host]"
-QUERY = "what is the capital of france"
-PASSAGES = [
-    "paris is the capital of france",
-    "berlin is the capital of germany",
-    "music and art and film " * 30,
-    "a dog",
-    "",
-]
 
 
 @pytest.fixture(scope="module")
