@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .quantize import EXPORT_INPUTS, export_onnx, quantize_int8
+from .staging import make_readable, staged
 
 logger = logging.getLogger(__name__)
 
@@ -478,20 +479,10 @@ def write_test_models(
     (new, empty, or an earlier output) and return their paths."""
     directory = Path(directory)
     _check_target(directory)
-    try:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
-    except OSError as exc:
-        raise GeneratorError(
-            f"can't write under {directory.parent} ({exc.strerror}); fix: name a directory "
-            "you can write to"
-        ) from None
-    try:
+    with staged(directory, GeneratorError) as work:
         _write_models(work, full_size=full_size, tokenizer_dir=tokenizer_dir, seed=seed, onnx=onnx)
-        _make_readable(work)
+        make_readable(work)
         _move_into_place(work, directory)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     logger.info("test models written to %s", directory)
     exported = directory / "onnx-cross-encoder"
     return TestModelPaths(
@@ -534,13 +525,6 @@ def _move_into_place(work: Path, directory: Path) -> None:
     work.rename(directory)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _make_readable(root: Path) -> None:
-    """Directories 0755 and files 0644 (some writers, safetensors among them, create 0600)."""
-    root.chmod(0o755)
-    for path in root.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _write_models(

@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -33,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .model_store import CpuFeatures, cpu_features, onnx_preference
+from .staging import make_readable, staged
 
 logger = logging.getLogger(__name__)
 
@@ -141,24 +140,12 @@ def quantize(
     quantize it into `out` (new or empty); returns where the files went and their parity."""
     out = Path(out)
     _check_target(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    except OSError as exc:
-        raise QuantizeError(
-            f"can't write under {out.parent} ({exc.strerror}); fix: name a directory you can "
-            "write to"
-        ) from None
-    try:
-        cpu = cpu or cpu_features()
-        result = _write(model, work, cpu, parity_queries, trust_remote_code)
-        for path in [work, *work.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
+    with staged(out, QuantizeError) as work:
+        result = _write(model, work, cpu or cpu_features(), parity_queries, trust_remote_code)
+        make_readable(work)
         if out.is_dir():
             out.rmdir()  # empty (checked above)
         work.rename(out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return QuantizeResult(out, result.int8_file, result.parity)
 
 
