@@ -60,13 +60,13 @@ class Settings(BaseSettings):
     )
     stage1_onnx_graph: Literal["exact", "fast"] = Field(
         "exact",
-        description="Stage 1's ONNX graph: exact (FlashRank's scores) or fast (~1.13x the pairs "
-        "per CPU second; scores drift, docs/models.md).",
+        description="Stage 1's ONNX graph: exact (FlashRank's scores) or fast (fewer operations; "
+        "scores drift, docs/models.md).",
     )
     stage2_onnx_graph: Literal["exact", "fast"] = Field(
         "exact",
-        description="Stage 2's ONNX graph (ONNX kinds): exact or fast (~1.13x the pairs per CPU "
-        "second; scores drift, docs/models.md).",
+        description="Stage 2's ONNX graph (ONNX kinds): exact or fast (fewer operations; scores "
+        "drift, docs/models.md).",
     )
     stage2_instruction: str = Field(
         "",

@@ -74,7 +74,7 @@ class StageSpec(BaseModel):
     onnx_graph: Literal["exact", "fast"] = Field(
         "exact",
         description="ONNX kinds: exact (ONNX Runtime's default graph: FlashRank's scores) or fast "
-        "(runners/onnx_graph.py: ~1.13x the pairs per CPU second, scores drift; docs/models.md).",
+        "(runners/onnx_graph.py: fewer operations, scores drift; docs/models.md).",
     )
     instruction: str = Field("", description="Instruction for LLM rerankers (empty: default).")
     trust_remote_code: bool = Field(

@@ -14,12 +14,14 @@ import pytest
 from onnx import TensorProto, helper
 
 from reranker_server.app import create_app
+from reranker_server.engine.loader import cache_namespaces
 from reranker_server.model_generator import TestModelPaths
 from reranker_server.runners.flashrank import FlashRankRunner
 from reranker_server.runners.onnx_base import quantizes_per_batch
 from reranker_server.runners.onnx_cross_encoder import OnnxCrossEncoderRunner
 from reranker_server.runners.onnx_graph import MASK, unmasked
 from reranker_server.settings import Settings
+from reranker_server.specs import StageSpec
 
 from .conftest import running
 from .test_onnx_runner import PASSAGES, QUERY
@@ -155,3 +157,96 @@ def test_the_settings_reach_both_onnx_stages_over_http(
         answer = httpx.post(f"{url}/rerank", json=body, timeout=60).json()
     assert [r["index"] for r in answer["results"]] == [i for i, _ in expected]
     assert [r["score"] for r in answer["results"]] == pytest.approx([s for _, s in expected])
+    # stage 1 alone: its scores are the fast graph's, not the exact one's
+    alone = settings.model_copy(update={"stage2_model": ""})
+    exact = FlashRankRunner(tiny_models.stage1, next(tiny_models.stage1.glob("*.onnx")))
+    assert exact.score(QUERY, PASSAGES) != first
+    with running(create_app(alone)) as url:
+        body = {"query": QUERY, "documents": PASSAGES, "top_k": len(PASSAGES)}
+        answer = httpx.post(f"{url}/rerank", json=body, timeout=60).json()
+    assert sorted((r["index"], r["score"]) for r in answer["results"]) == [
+        (i, pytest.approx(score)) for i, score in enumerate(first)
+    ]
+
+
+def test_the_score_cache_keeps_the_graphs_apart(tiny_models: TestModelPaths) -> None:
+    """A shared (Redis) cache must never answer the fast graph's scores for the exact graph."""
+    runner = FlashRankRunner(tiny_models.stage1, next(tiny_models.stage1.glob("*.onnx")))
+    exact = StageSpec(model=str(tiny_models.stage1))
+    fast = exact.model_copy(update={"onnx_graph": "fast"})
+    keys = [
+        cache_namespaces({"stage1": runner}, {"stage1": spec})["stage1"] for spec in (exact, fast)
+    ]
+    assert keys[0] != keys[1]
+
+
+def _save(tmp_path: Path, nodes: list[onnx.NodeProto], mask_type: int, outputs: list[str]) -> Path:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "n"]),
+            helper.make_tensor_value_info(MASK, mask_type, [1, "n"]),
+        ],
+        [
+            helper.make_tensor_value_info(
+                o, mask_type if o == "mask_out" else TensorProto.FLOAT, None
+            )
+            for o in outputs
+        ],
+        [
+            helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]),
+            helper.make_tensor("big", TensorProto.FLOAT, [], [-1e4]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path / "g.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+BIAS = [
+    helper.make_node("Cast", ["input_ids"], ["x"], to=TensorProto.FLOAT),
+    helper.make_node("Cast", [MASK], ["m"], to=TensorProto.FLOAT),
+    helper.make_node("Sub", ["one", "m"], ["inverted"]),
+    helper.make_node("Mul", ["inverted", "big"], ["bias"]),
+]
+
+
+@pytest.mark.parametrize("case", ["int32 mask", "two additions in a row", "mask is an output"])
+def test_graphs_the_rewrite_does_not_expect_still_load(tmp_path: Path, case: str) -> None:
+    """A mask in another type, additions in a row, or the mask read as an output: the rewrite is
+    exact or the mask is kept, and the result always loads and scores as the file does."""
+    nodes = list(BIAS)
+    outputs = ["y"]
+    mask_type = TensorProto.INT32 if case == "int32 mask" else TensorProto.INT64
+    if case == "two additions in a row":
+        nodes += [
+            helper.make_node("Add", ["x", "bias"], ["s1"]),
+            helper.make_node("Add", ["s1", "bias"], ["s2"]),
+            helper.make_node("ReduceSum", ["s2"], ["y"], keepdims=1),
+        ]
+    else:
+        nodes += [
+            helper.make_node("Add", ["x", "bias"], ["s1"]),
+            helper.make_node("ReduceSum", ["s1"], ["y"], keepdims=1),
+        ]
+    if case == "mask is an output":
+        nodes.append(helper.make_node("Identity", [MASK], ["mask_out"]))
+        outputs.append("mask_out")
+    path = _save(tmp_path, nodes, mask_type, outputs)
+    data = unmasked(path)
+    original = _session(str(path))
+    feed = {
+        "input_ids": np.arange(5, dtype=np.int64)[None],
+        MASK: np.ones((1, 5), dtype=np.int32 if case == "int32 mask" else np.int64),
+    }
+    expected = original.run(None, feed)
+    if data is None:
+        assert case == "mask is an output"
+        return
+    bare = _session(data)
+    names = {i.name for i in bare.get_inputs()}
+    got = bare.run(None, {k: v for k, v in feed.items() if k in names})
+    assert all(np.array_equal(a, b) for a, b in zip(expected, got, strict=True))

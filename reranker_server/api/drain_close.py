@@ -1,9 +1,10 @@
 """`Connection: close` on every answer sent while the server drains (server.py).
 
-The drain closes each connection after its current answer, so a kept-alive client must learn from
-that answer that the connection ends: a 200 finished during the drain, a liveness probe, a
-metrics scrape carry the header as the drain's 503s do. Without it the client's next request on the
-same socket meets a closed connection (BrokenPipe) instead of an answer.
+While draining, each connection ends after its next answer (none is closed under a request it
+carries), so a kept-alive client must learn from that answer that the connection ends: a 200
+finished during the drain, a liveness probe, a metrics scrape carry the header as the drain's 503s
+do. Without it the client's next request on the same socket meets a closed connection
+(BrokenPipe) instead of an answer.
 """
 
 from __future__ import annotations

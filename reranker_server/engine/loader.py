@@ -271,8 +271,8 @@ def lanes(
 
 def cache_namespaces(runners: dict[str, Runner], specs: dict[str, StageSpec]) -> dict[str, str]:
     """Score-cache namespace per role: the model's identity (files fingerprinted), device and
-    what changes its scores (its spec's length and instruction, precision, one pair per call
-    for stage 1)."""
+    what changes its scores (its spec's length, instruction and ONNX graph, precision, one pair
+    per call for stage 1)."""
     found = {}
     for role, runner in runners.items():
         spec = specs[role]
@@ -282,6 +282,8 @@ def cache_namespaces(runners: dict[str, Runner], specs: dict[str, StageSpec]) ->
             extra = {"precision": runner.precision}
         if spec.instruction:
             extra["instruction"] = spec.instruction
+        if spec.onnx_graph != "exact":  # its scores drift (runners/onnx_graph.py)
+            extra["graph"] = spec.onnx_graph
         found[role] = namespace(
             "stage1" if role == "stage1" else "stage2",
             identity(runner),

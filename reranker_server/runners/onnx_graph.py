@@ -28,7 +28,6 @@ import onnxruntime as ort
 
 logger = logging.getLogger(__name__)
 
-ONNX_GRAPHS = ("exact", "fast")
 FAST_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 FAST_CONFIG = {"optimization.enable_gelu_approximation": "1"}
 MASK = "attention_mask"
@@ -38,14 +37,27 @@ MAX_REWRITE_BYTES = 1 << 30
 
 def unmasked(onnx_file: Path) -> bytes | None:
     """The model without the attention mask's additions, serialized; None when it has no
-    `attention_mask` input, no such addition, is too large to rewrite, or its mask bias is not
-    zero for an all-ones mask (checked by running the mask's own subgraph)."""
+    `attention_mask` input, no such addition, weights outside the file or over
+    `MAX_REWRITE_BYTES`, a mask bias that is not zero for an all-ones mask (checked by running
+    the mask's own subgraph), or anything else the rewrite can't be sure of (logged: the stage
+    then runs the file with its mask, the rest of the fast graph still applies)."""
+    try:
+        return _unmasked(onnx_file)
+    except Exception as exc:  # a graph this rewrite does not know: keep the mask
+        logger.warning("%s: attention mask kept (%s: %s)", onnx_file.name, type(exc).__name__, exc)
+        return None
+
+
+def _unmasked(onnx_file: Path) -> bytes | None:
     if onnx_file.stat().st_size > MAX_REWRITE_BYTES:
         return None
-    model = onnx.load(str(onnx_file))
+    model = onnx.load(str(onnx_file), load_external_data=False)
     graph = model.graph
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer):
+        return None
     inputs = {i.name for i in graph.input}
-    if MASK not in inputs:
+    outputs = {o.name for o in graph.output}
+    if MASK not in inputs or MASK in outputs:
         return None
     pure_mask, data = _dependence(graph.node, inputs)
     bypass: dict[str, str] = {}  # an addition's output -> its data input
@@ -60,19 +72,24 @@ def unmasked(onnx_file: Path) -> bytes | None:
             else:
                 continue
             biases.append(bias)
-    outputs = {o.name for o in graph.output}
     if not bypass or outputs & bypass.keys() or not _all_zero(model, sorted(set(biases))):
         return None
     kept = [n for n in graph.node if not (n.output and n.output[0] in bypass)]
     for node in kept:
         for k, name in enumerate(node.input):
-            node.input[k] = bypass.get(name, name)
+            while name in bypass:  # additions in a row
+                name = bypass[name]
+            node.input[k] = name
     del graph.node[:]
     graph.node.extend(_live(kept, outputs))
     if MASK not in {name for n in graph.node for name in n.input}:
         graph.input.remove(next(i for i in graph.input if i.name == MASK))
+    data_out = model.SerializeToString()
+    # the rewritten graph must give the same outputs as the file on an unpadded probe
+    if not _same_outputs(onnx_file, data_out):
+        return None
     logger.info("%s: %d attention-mask additions removed", onnx_file.name, len(bypass))
-    return model.SerializeToString()
+    return data_out
 
 
 def _dependence(nodes: Iterable[onnx.NodeProto], inputs: set[str]) -> tuple[set[str], set[str]]:
@@ -122,8 +139,37 @@ def _all_zero(model: onnx.ModelProto, values: list[str]) -> bool:
     session = ort.InferenceSession(
         probe.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
     )
-    feed = {i.name: np.ones((1, 8), dtype=np.int64) for i in session.get_inputs()}
+    feed = _probe_feed(session)
     return all(not np.any(np.asarray(out)) for out in session.run(None, feed))
+
+
+def _probe_feed(session: ort.InferenceSession) -> dict[str, np.ndarray]:
+    """Ones for every input, 1 x 8, in each input's own integer type."""
+    types = {"tensor(int32)": np.int32, "tensor(int64)": np.int64}
+    return {
+        i.name: np.ones((1, 8), dtype=types.get(i.type, np.int64)) for i in session.get_inputs()
+    }
+
+
+def _same_outputs(onnx_file: Path, rewritten: bytes) -> bool:
+    """Whether the rewritten graph gives exactly the file's outputs on an unpadded probe (it
+    would not if a bypassed addition broadcast its data input to a larger shape)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    original = ort.InferenceSession(
+        str(onnx_file), sess_options=options, providers=["CPUExecutionProvider"]
+    )
+    bare = ort.InferenceSession(rewritten, sess_options=options, providers=["CPUExecutionProvider"])
+    feed = _probe_feed(original)
+    expected = original.run(None, feed)
+    got = bare.run(
+        None, {k: v for k, v in feed.items() if k in {i.name for i in bare.get_inputs()}}
+    )
+    return all(
+        np.shape(a) == np.shape(b) and np.array_equal(a, b)
+        for a, b in zip(expected, got, strict=True)
+    )
 
 
 def fast_options(options: ort.SessionOptions) -> None:
